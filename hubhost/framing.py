@@ -364,7 +364,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 def _delimiters(value: Any) -> list[bytes]:
     items: Iterable[Any]
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, (bytes, bytearray, str)):
         items = [value]
     elif isinstance(value, (list, tuple)):
         items = value
