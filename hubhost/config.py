@@ -1,0 +1,210 @@
+"""The hub's TOML configuration (DESIGN section 6), checked at start.
+
+A bad config is refused with one message naming the file, the key and the problem, e.g.
+`hub.toml: drivers[0].devices[2].index: must be a positive integer, got 'one'`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .runtime import DeviceInfo
+
+TRANSPORTS = ("serial", "tcp", "udp")
+LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
+_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 1000**2,
+          "GB": 1000**3, "k": 1024, "K": 1024, "M": 1024**2, "G": 1024**3}
+DEVICE_KEYS = {"id", "label", "system", "module", "index", "transport", "config"}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names file, key and reason."""
+
+
+@dataclass
+class RedisConfig:
+    url: str
+    prefix: str = ""
+    socket_timeout: float = 2.0
+    connect_timeout: float = 2.0
+
+
+@dataclass
+class DriverConfig:
+    id: str
+    path: Path
+    devices: list[DeviceInfo] = field(default_factory=list)
+    flush_interval: float = 10.0
+    max_memory: int = 64 * 1024 * 1024
+    cpu_limit: float = 1.0
+
+
+@dataclass
+class HubConfig:
+    hub_id: str = "hub"
+    state_dir: str | None = None
+    flush_interval: float = 10.0
+    log_level: str = "info"
+    redis: RedisConfig | None = None
+    drivers: list[DriverConfig] = field(default_factory=list)
+    api: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+
+class _Checker:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> None:
+        raise ConfigError(f"{self.source}: {key}: {problem}")
+
+    def typed(self, table: dict, name: str, key: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
+        if name not in table:
+            return default
+        v = table[name]
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+            self.fail(key, f"must be {what}, got {v!r}")
+        return v
+
+    def number(self, table: dict, name: str, key: str, default: float, *, minimum: float = 0.0) -> float:
+        v = self.typed(table, name, key, (int, float), "a number", default)
+        if not v > minimum:
+            self.fail(key, f"must be greater than {minimum:g}, got {v!r}")
+        return float(v)
+
+    def size(self, table: dict, name: str, key: str, default: int) -> int:
+        if name not in table:
+            return default
+        v = table[name]
+        if isinstance(v, int) and not isinstance(v, bool):
+            n = v
+        elif isinstance(v, str) and (m := _SIZE.match(v)):
+            n = int(float(m.group(1)) * _UNITS[m.group(2)])
+        else:
+            self.fail(key, f"must be a size in bytes or like \"64MiB\", got {v!r}")
+        if n < 1024 * 1024:
+            self.fail(key, f"must be at least 1MiB, got {v!r}")
+        return n
+
+    def ident(self, table: dict, name: str, key: str) -> str:
+        if name not in table:
+            self.fail(key, "is required")
+        v = table[name]
+        if not isinstance(v, str) or not _ID.match(v):
+            self.fail(key, f"must be an id of letters, digits and _.:- (max 128), got {v!r}")
+        return v
+
+    def unknown(self, table: dict, allowed: set[str], key: str) -> None:
+        for k in table:
+            if k not in allowed:
+                self.fail(f"{key}{k}" if not key else f"{key}.{k}", "unknown key")
+
+
+def load(path: str | Path) -> HubConfig:
+    """Read and check a hub config file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    return parse(raw, source=str(path), base=path.parent)
+
+
+def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = None) -> HubConfig:
+    c = _Checker(source)
+    base = base or Path.cwd()
+    c.unknown(raw, {"hub_id", "state_dir", "flush_interval", "log_level", "redis", "drivers", "api"}, "")
+    cfg = HubConfig(source=Path(source) if source != "<config>" else None)
+    if "hub_id" in raw:
+        cfg.hub_id = c.ident(raw, "hub_id", "hub_id")
+    sd = c.typed(raw, "state_dir", "state_dir", (str,), "a path")
+    cfg.state_dir = str((base / sd).resolve()) if sd else None
+    cfg.flush_interval = c.number(raw, "flush_interval", "flush_interval", 10.0)
+    level = c.typed(raw, "log_level", "log_level", (str,), "a string", "info")
+    if level.lower() not in LOG_LEVELS:
+        c.fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    cfg.log_level = level.lower()
+    cfg.api = c.typed(raw, "api", "api", (dict,), "a table", {})
+
+    if "redis" in raw:
+        r = c.typed(raw, "redis", "redis", (dict,), "a table")
+        c.unknown(r, {"url", "prefix", "socket_timeout", "connect_timeout"}, "redis")
+        url = c.typed(r, "url", "redis.url", (str,), "a string")
+        if not url:
+            c.fail("redis.url", "is required in a [redis] section")
+        if not re.match(r"^(redis|rediss|unix)://", url):
+            c.fail("redis.url", f"must start with redis://, rediss:// or unix://, got {url!r}")
+        cfg.redis = RedisConfig(
+            url=url,
+            prefix=c.typed(r, "prefix", "redis.prefix", (str,), "a string", ""),
+            socket_timeout=c.number(r, "socket_timeout", "redis.socket_timeout", 2.0),
+            connect_timeout=c.number(r, "connect_timeout", "redis.connect_timeout", 2.0),
+        )
+
+    drivers = c.typed(raw, "drivers", "drivers", (list,), "an array of tables ([[drivers]])", [])
+    seen_drivers: set[str] = set()
+    seen_devices: dict[str, str] = {}
+    for i, d in enumerate(drivers):
+        k = f"drivers[{i}]"
+        if not isinstance(d, dict):
+            c.fail(k, "must be a table")
+        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit"}, k)
+        did = c.ident(d, "id", f"{k}.id")
+        if did in seen_drivers:
+            c.fail(f"{k}.id", f"duplicate driver id {did!r}")
+        seen_drivers.add(did)
+        p = c.typed(d, "path", f"{k}.path", (str,), "a path")
+        if not p:
+            c.fail(f"{k}.path", "is required")
+        dpath = (base / p).resolve()
+        if not (dpath / "init.lua").is_file():
+            c.fail(f"{k}.path", f"{dpath} is not a driver folder (no init.lua)")
+        dc = DriverConfig(
+            id=did,
+            path=dpath,
+            flush_interval=c.number(d, "flush_interval", f"{k}.flush_interval", cfg.flush_interval),
+            max_memory=c.size(d, "max_memory", f"{k}.max_memory", 64 * 1024 * 1024),
+            cpu_limit=c.number(d, "cpu_limit", f"{k}.cpu_limit", 1.0),
+        )
+        devs = c.typed(d, "devices", f"{k}.devices", (list,), "an array of tables ([[drivers.devices]])", [])
+        for j, dev in enumerate(devs):
+            dk = f"{k}.devices[{j}]"
+            if not isinstance(dev, dict):
+                c.fail(dk, "must be a table")
+            dev_id = c.ident(dev, "id", f"{dk}.id")
+            if dev_id in seen_devices:
+                c.fail(f"{dk}.id", f"duplicate device id {dev_id!r} (also in {seen_devices[dev_id]})")
+            seen_devices[dev_id] = dk
+            label = c.typed(dev, "label", f"{dk}.label", (str,), "a string", dev_id)
+            system = c.typed(dev, "system", f"{dk}.system", (str,), "a system id")
+            module = c.typed(dev, "module", f"{dk}.module", (str,), "a module name such as \"Display\"")
+            index = c.typed(dev, "index", f"{dk}.index", (int,), "a positive integer")
+            if index is not None and index < 1:
+                c.fail(f"{dk}.index", f"must be a positive integer, got {index!r}")
+            if (module is None) != (system is None):
+                c.fail(f"{dk}.system" if system is None else f"{dk}.module",
+                       "system and module go together (a device is indexed as system/Module/index)")
+            if module is not None and index is None:
+                index = 1
+            transport = c.typed(dev, "transport", f"{dk}.transport", (str,), "a string")
+            if transport is not None and transport not in TRANSPORTS:
+                c.fail(f"{dk}.transport", f"must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+            conf = c.typed(dev, "config", f"{dk}.config", (dict,), "a table", {})
+            settings = {kk: vv for kk, vv in dev.items() if kk not in DEVICE_KEYS}
+            if settings and transport is None:
+                c.fail(f"{dk}.{next(iter(settings))}", "unknown key (transport settings need `transport = ...`)")
+            dc.devices.append(DeviceInfo(id=dev_id, label=label, config=conf, system=system,
+                                         module=module, index=index, transport=transport,
+                                         transport_settings=settings))
+        cfg.drivers.append(dc)
+    return cfg

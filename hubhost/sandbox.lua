@@ -1,0 +1,432 @@
+-- hubhost/sandbox.lua: the privileged bootstrap of one driver runtime.
+--
+-- Runs once, with the full standard library, before any driver or library code. It keeps
+-- the dangerous functions (debug, jit, loadstring, setfenv, ...) in locals of this chunk and
+-- hands out only what DESIGN section 2 allows. Nothing here is reachable from driver code
+-- except through the functions it deliberately exports into sandbox environments.
+--
+-- Arguments: host (a table of Python callables, see sandbox.py) and patterns (the budgeted
+-- string pattern functions from patterns.lua, or nil).
+
+local host, patterns = ...
+
+local type, pairs, ipairs, next, tostring, tonumber, select, error, pcall, xpcall =
+  type, pairs, ipairs, next, tostring, tonumber, select, error, pcall, xpcall
+local rawget, rawset, rawequal, setmetatable, getmetatable, unpack, assert =
+  rawget, rawset, rawequal, setmetatable, getmetatable, unpack, assert
+local loadstring, setfenv = loadstring, setfenv
+local string, table, math, coroutine, os, bit = string, table, math, coroutine, os, bit
+local dgetmetatable, sethook, traceback = debug.getmetatable, debug.sethook, debug.traceback
+local jit_off = jit.off
+local str_byte, str_sub, str_format, str_find, str_gsub = string.byte, string.sub, string.format, string.find, string.gsub
+local tconcat, tinsert, tremove, tsort = table.concat, table.insert, table.remove, table.sort
+local co_create, co_resume, co_yield, co_status, co_running, co_wrap =
+  coroutine.create, coroutine.resume, coroutine.yield, coroutine.status, coroutine.running, coroutine.wrap
+local floor, huge = math.floor, math.huge
+local host_clock = host.thread_time
+local host_find_module = host.find_module
+local host_rewrite = host.rewrite
+
+local M = {}
+
+---------------------------------------------------------------------------------------------
+-- The string metatable is shared by every string in the runtime: point it at a private,
+-- dump-free string table and hide it behind __metatable.
+local safe_string = {}
+for k, v in pairs(string) do safe_string[k] = v end
+safe_string.dump = nil
+if patterns then
+  safe_string.find, safe_string.match = patterns.find, patterns.match
+  safe_string.gmatch, safe_string.gsub = patterns.gmatch, patterns.gsub
+end
+string.dump = nil
+do
+  local smt = dgetmetatable("")
+  smt.__index = safe_string
+  smt.__metatable = false
+end
+
+---------------------------------------------------------------------------------------------
+-- CPU budget: an instruction-count hook compares the thread's CPU time with the deadline of
+-- the handler that is running. Driver chunks run interpreted (jit.off) so the hook fires.
+local deadline = nil          -- thread CPU seconds; nil while idle
+local abort_message = nil     -- set once the budget is spent; pcall cannot swallow it
+
+local function cpu_hook()
+  if deadline and host_clock() > deadline then
+    abort_message = abort_message or "cpu limit exceeded"
+    error(abort_message, 0)
+  end
+end
+sethook(cpu_hook, "", 10000)
+
+function M.arm(limit_seconds, label)
+  abort_message = nil
+  deadline = host_clock() + limit_seconds
+  M.limit_label = label
+end
+
+function M.disarm()
+  deadline = nil
+  local m = abort_message
+  abort_message = nil
+  return m
+end
+
+function M.set_abort_message(text) abort_message = text end
+
+-- After the budget is spent, any error caught by driver code is turned back into the abort.
+local function recheck(ok, ...)
+  if abort_message then error(abort_message, 0) end
+  return ok, ...
+end
+
+local function safe_pcall(f, ...)
+  return recheck(pcall(f, ...))
+end
+
+local function safe_xpcall(f, handler, ...)
+  if select("#", ...) == 0 then return recheck(xpcall(f, handler)) end
+  local args, n = { ... }, select("#", ...)
+  return recheck(xpcall(function() return f(unpack(args, 1, n)) end, handler))
+end
+
+---------------------------------------------------------------------------------------------
+-- Tables with 5.2-style __len / __pairs / __ipairs (datastore nodes use them). LuaJIT here
+-- ignores those metamethods on tables, so the sandbox honours them in its own functions and
+-- the loader rewrites `#x` into `__hh_len(x)`.
+local function meta(t, name)
+  local mt = dgetmetatable(t)
+  return mt and type(mt) == "table" and rawget(mt, name) or nil
+end
+
+local function hh_len(x)
+  local tx = type(x)
+  if tx == "string" then return #x end
+  if tx == "table" then
+    local f = meta(x, "__len")
+    if f then return f(x) end
+    return #x
+  end
+  local f = tx == "userdata" and meta(x, "__len")
+  if f then return f(x) end
+  error("attempt to get length of a " .. tx .. " value", 2)
+end
+
+local function safe_next(t, k)
+  local f = type(t) == "table" and meta(t, "__next")
+  if f then return f(t, k) end
+  return next(t, k)
+end
+
+local function safe_pairs(t)
+  local f = meta(t, "__pairs")
+  if f then return f(t) end
+  if type(t) ~= "table" then
+    error("bad argument #1 to 'pairs' (table expected, got " .. type(t) .. ")", 2)
+  end
+  return next, t, nil
+end
+
+local function ipairs_step(t, i)
+  i = i + 1
+  local v = t[i]
+  if v ~= nil then return i, v end
+end
+
+local function safe_ipairs(t)
+  local f = meta(t, "__ipairs")
+  if f then return f(t) end
+  if type(t) ~= "table" then
+    error("bad argument #1 to 'ipairs' (table expected, got " .. type(t) .. ")", 2)
+  end
+  return ipairs(t)
+end
+
+local function safe_rawget(t, k)
+  local f = type(t) == "table" and meta(t, "__rawget")
+  if f then return f(t, k) end
+  return rawget(t, k)
+end
+
+local function safe_rawset(t, k, v)
+  local f = type(t) == "table" and meta(t, "__rawset")
+  if f then f(t, k, v) return t end
+  return rawset(t, k, v)
+end
+
+local function safe_unpack(t, i, j)
+  local f = type(t) == "table" and meta(t, "__backing")
+  if f then t = f(t) end
+  return unpack(t, i or 1, j or #t)
+end
+
+-- table.* on proxies: read-only functions work on the backing table; mutating ones go
+-- through the proxy so every write is checked.
+local safe_table = {}
+for k, v in pairs(table) do safe_table[k] = v end
+safe_table.unpack = safe_unpack
+
+function safe_table.concat(t, sep, i, j)
+  local f = type(t) == "table" and meta(t, "__backing")
+  if f then t = f(t) end
+  return tconcat(t, sep, i, j)
+end
+
+function safe_table.insert(t, ...)
+  local f = type(t) == "table" and meta(t, "__insert")
+  if f then return f(t, ...) end
+  return tinsert(t, ...)
+end
+
+function safe_table.remove(t, ...)
+  local f = type(t) == "table" and meta(t, "__remove")
+  if f then return f(t, ...) end
+  return tremove(t, ...)
+end
+
+function safe_table.sort(t, cmp)
+  local f = type(t) == "table" and meta(t, "__sort")
+  if f then return f(t, cmp) end
+  return tsort(t, cmp)
+end
+
+function safe_table.maxn(t)
+  local f = type(t) == "table" and meta(t, "__backing")
+  if f then t = f(t) end
+  return table.maxn(t)
+end
+
+safe_table.getn = function(t) return hh_len(t) end
+safe_table.foreach, safe_table.foreachi, safe_table.setn = nil, nil, nil
+
+---------------------------------------------------------------------------------------------
+-- Loading code: text only, rewritten for __hh_len, run in a given environment.
+local function compile(src, chunkname, env, interpreted)
+  if type(src) ~= "string" then
+    return nil, "chunk must be a string, got " .. type(src)
+  end
+  if str_byte(src, 1) == 27 then
+    return nil, "attempt to load a binary chunk: only Lua source text may be loaded"
+  end
+  src = host_rewrite(src)
+  local fn, err = loadstring(src, chunkname)
+  if not fn then return nil, err end
+  setfenv(fn, env)
+  if interpreted then jit_off(fn, true) end
+  return fn, nil
+end
+M.compile = compile
+
+local function make_load(env_of_caller)
+  local function safe_load(chunk, chunkname, mode, env)
+    if type(chunk) == "function" then
+      local parts = {}
+      while true do
+        local piece = chunk()
+        if piece == nil or piece == "" then break end
+        if type(piece) ~= "string" then return nil, "reader function must return a string" end
+        parts[#parts + 1] = piece
+      end
+      chunk = tconcat(parts)
+    end
+    if mode ~= nil and type(mode) ~= "string" then return nil, "bad load mode" end
+    if mode and not str_find(mode, "t", 1, true) then
+      return nil, "attempt to load a text chunk (mode is '" .. mode .. "')"
+    end
+    if env ~= nil and type(env) ~= "table" then return nil, "load: env must be a table" end
+    local name = chunkname
+    if type(name) ~= "string" then name = "=(load)" end
+    return compile(chunk, name, env or env_of_caller, true)
+  end
+  local function safe_loadstring(s, chunkname)
+    return safe_load(s, chunkname)
+  end
+  return safe_load, safe_loadstring
+end
+
+---------------------------------------------------------------------------------------------
+-- Environments.
+local banned_modules = {
+  ffi = true, jit = true, debug = true, io = true, os = true, package = true,
+  python = true, ["jit.util"] = true, ["jit.profile"] = true, ["table.new"] = true,
+  ["table.clear"] = true, ["string.buffer"] = true,
+}
+
+local library_caps = nil   -- capabilities handed to bundled library modules (set by host)
+function M.set_library_caps(caps) library_caps = caps end
+
+local loaded = {}          -- module name -> value, shared by this runtime's environments
+local loading = {}
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+local function safe_collectgarbage(opt, ...)
+  if opt == nil or opt == "count" then return collectgarbage("count") end
+  error("collectgarbage('" .. tostring(opt) .. "') is not allowed in the sandbox; only 'count' is", 2)
+end
+
+local safe_debug_traceback = function(msg, level)
+  if msg ~= nil and type(msg) ~= "string" and type(msg) ~= "number" then return msg end
+  return traceback(msg, (tonumber(level) or 1) + 1)
+end
+
+local new_env
+
+local function safe_require_for(env)
+  return function(name)
+    if type(name) ~= "string" then
+      error("bad argument #1 to 'require' (string expected, got " .. type(name) .. ")", 2)
+    end
+    local v = loaded[name]
+    if v ~= nil then return v end
+    if banned_modules[name] then
+      error("module '" .. name .. "' is not available in the sandbox", 2)
+    end
+    if name == "string" or name == "table" or name == "math" or name == "coroutine" or name == "bit" then
+      return env[name]
+    end
+    if loading[name] then error("loop or previous error loading module '" .. name .. "'", 2) end
+    local src, chunkname, kind = host_find_module(name)
+    if not src then error(chunkname, 2) end
+    local is_lib = kind == "lib"
+    local fn, err = compile(src, chunkname, is_lib and new_env() or env, not is_lib)
+    if not fn then error(err, 2) end
+    loading[name] = true
+    local ok, res = pcall(fn, name, is_lib and library_caps or nil)
+    loading[name] = nil
+    if not ok then error(res, 0) end
+    if res == nil then res = true end
+    loaded[name] = res
+    return res
+  end
+end
+
+function new_env()
+  local env = {
+    assert = assert, error = error, ipairs = safe_ipairs, next = safe_next, pairs = safe_pairs,
+    pcall = safe_pcall, xpcall = safe_xpcall, rawequal = rawequal, rawget = safe_rawget,
+    rawset = safe_rawset, select = select, setmetatable = setmetatable,
+    getmetatable = getmetatable, tonumber = tonumber, tostring = tostring, type = type,
+    unpack = safe_unpack, _VERSION = _VERSION, collectgarbage = safe_collectgarbage,
+    __hh_len = hh_len,
+    string = copy(safe_string), table = copy(safe_table), math = copy(math),
+    bit = copy(bit),
+    coroutine = copy(coroutine),
+    os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime },
+    debug = { traceback = safe_debug_traceback },
+  }
+  env.coroutine.resume = function(co, ...) return recheck(co_resume(co, ...)) end
+  env.coroutine.wrap = function(f)
+    local co = co_create(f)
+    return function(...)
+      local res = { recheck(co_resume(co, ...)) }
+      if not res[1] then error(res[2], 2) end
+      return unpack(res, 2, table.maxn(res))
+    end
+  end
+  env.os.date = function(fmt, t)
+    if type(fmt) == "string" and str_find(fmt, "%%[^aAbBcdHIjmMpSUwWxXyYZ%%]") then
+      error("os.date: unsupported conversion in format '" .. fmt .. "'", 2)
+    end
+    return os.date(fmt, t)
+  end
+  env.load, env.loadstring = make_load(env)
+  env.require = safe_require_for(env)
+  env.print = function(...)
+    local n = select("#", ...)
+    local parts = {}
+    for i = 1, n do parts[i] = tostring((select(i, ...))) end
+    host.print(tconcat(parts, "\t"))
+  end
+  env._G = env
+  return env
+end
+M.new_env = new_env
+
+function M.register_module(name, value) loaded[name] = value end
+
+---------------------------------------------------------------------------------------------
+-- Running handlers: each event runs in a coroutine; host waits (sleep, request, save)
+-- yield a private token so a driver's own coroutine.yield cannot impersonate them.
+local WAIT = {}
+M.WAIT = WAIT
+
+local parked = {}        -- token -> coroutine waiting for the host
+local next_token = 0
+local current_label = {} -- coroutine -> label for logs
+
+function M.wait(kind, ...)
+  local co, is_main = co_running()
+  if co == nil or is_main then
+    return nil, "cannot wait outside a handler"
+  end
+  return co_yield(WAIT, kind, ...)
+end
+
+function M.can_wait()
+  local co, is_main = co_running()
+  return co ~= nil and not is_main
+end
+
+local on_wait   -- function(token, kind, ...) set by the host glue
+local on_done   -- function(label, ok, err, traceback_text)
+function M.set_wait_handler(f) on_wait = f end
+function M.set_done_handler(f) on_done = f end
+
+local function step(co, label, ok, a, b, ...)
+  -- ok, a, b, ... are the results of co_resume
+  if not ok then
+    local tb = traceback(co, tostring(a))
+    current_label[co] = nil
+    return on_done(label, false, a, tb)
+  end
+  if co_status(co) == "dead" then
+    current_label[co] = nil
+    return on_done(label, true)
+  end
+  if a == WAIT then
+    next_token = next_token + 1
+    parked[next_token] = co
+    current_label[co] = label
+    return on_wait(next_token, b, ...)
+  end
+  -- a bare coroutine.yield() from driver code at handler level: finish the handler
+  current_label[co] = nil
+  return on_done(label, true)
+end
+
+-- Start fn(...) as a new handler coroutine under the CPU budget.
+function M.spawn(label, limit, fn, ...)
+  local co = co_create(fn)
+  M.arm(limit, label)
+  local r = { co_resume(co, ...) }
+  local abort = M.disarm()
+  if abort then r[1], r[2] = false, abort end
+  return step(co, label, unpack(r, 1, table.maxn(r)))
+end
+
+-- Resume a parked handler with the host's answer.
+function M.resume(token, limit, ...)
+  local co = parked[token]
+  if not co then return end
+  parked[token] = nil
+  local label = current_label[co]
+  M.arm(limit, label)
+  local r = { co_resume(co, ...) }
+  local abort = M.disarm()
+  if abort then r[1], r[2] = false, abort end
+  return step(co, label, unpack(r, 1, table.maxn(r)))
+end
+
+function M.parked_count()
+  local n = 0
+  for _ in pairs(parked) do n = n + 1 end
+  return n
+end
+
+return M

@@ -1,0 +1,197 @@
+"""One closed LuaJIT runtime per driver instance (DESIGN section 2).
+
+The runtime is created with no eval, no builtins and attribute handlers that refuse every
+Python attribute; the `python` module is removed before any other code runs. The privileged
+bootstrap (sandbox.lua) then builds whitelist environments for driver and library code.
+Strings cross the boundary as bytes (`encoding=None`): device traffic is binary, and a
+Python `str` must never reach Lua (it would arrive as a Python object).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lupa.luajit21 as lupa
+
+from . import paths
+
+try:  # the `#` rewrite for 5.2-style __len (luasource.py)
+    from .luasource import rewrite_len as _rewrite_len
+except ImportError:  # pragma: no cover - only while the module is being written
+    def _rewrite_len(src: str) -> str:
+        return src
+
+HERE = Path(__file__).resolve().parent
+LuaError = lupa.LuaError
+LuaMemoryError = lupa.LuaMemoryError
+
+_MODULE_NAME = re.compile(rb"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+DEFAULT_MAX_MEMORY = 64 * 1024 * 1024
+
+
+def _deny_get(obj: Any, name: Any) -> Any:
+    raise AttributeError("Python attributes are not accessible from Lua")
+
+
+def _deny_set(obj: Any, name: Any, value: Any) -> None:
+    raise AttributeError("Python attributes are not accessible from Lua")
+
+
+def rewrite(src: bytes) -> bytes:
+    """Rewrite `#x` for __len support; latin-1 keeps every byte as it is."""
+    if b"#" not in src:
+        return src
+    return _rewrite_len(src.decode("latin-1")).encode("latin-1")
+
+
+def _read_private(name: str) -> bytes:
+    return (HERE / name).read_bytes()
+
+
+class Sandbox:
+    """A closed LuaJIT runtime plus the sandbox bootstrap.
+
+    `driver_dir` is the folder whose modules `require` may load besides the bundled
+    library; `on_print` receives what driver code prints (as text).
+    """
+
+    def __init__(
+        self,
+        driver_dir: Path | None = None,
+        *,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        on_print: Callable[[str], None] | None = None,
+        extra_roots: tuple[Path, ...] = (),
+    ) -> None:
+        self.driver_dir = Path(driver_dir).resolve() if driver_dir else None
+        self.lib_dir = paths.lua_library_dir()
+        self.extra_roots = tuple(Path(r).resolve() for r in extra_roots)
+        self._on_print = on_print or (lambda text: None)
+        self.lua = lupa.LuaRuntime(
+            register_eval=False,
+            register_builtins=False,
+            unpack_returned_tuples=True,
+            encoding=None,
+            attribute_handlers=(_deny_get, _deny_set),
+            max_memory=max_memory,
+        )
+        self.lua.execute(b"python = nil; package.loaded.python = nil")
+        self.host = self.lua.table()
+        self.expose(
+            thread_time=time.thread_time,
+            find_module=self._find_module,
+            rewrite=rewrite,
+            print=self._print,
+        )
+        patterns = None
+        if (HERE / "patterns.lua").exists():
+            patterns = self.run_private("patterns.lua", self.lua.globals().string)
+        self.sb = self.run_private("sandbox.lua", self.host, patterns)
+
+    def run_private(self, name: str, *args: Any) -> Any:
+        """Run one of hubhost's own privileged Lua files (full standard library)."""
+        fn, err = self.lua.eval(b"function(s, n) local f, e = loadstring(s, n) return f, e end")(
+            _read_private(name), b"@hubhost/" + name.encode())
+        if fn is None:
+            raise LuaError(err.decode())
+        return fn(*args)
+
+    # -- host functions ------------------------------------------------------------------
+    def expose(self, **functions: Callable[..., Any]) -> None:
+        """Make Python callables available to the privileged Lua glue as host.<name>."""
+        for name, fn in functions.items():
+            self.host[name.encode()] = fn
+
+    def _print(self, text: bytes) -> None:
+        self._on_print(text.decode("utf-8", "replace"))
+
+    def _find_module(self, name: bytes) -> tuple[bytes | None, bytes, bytes]:
+        """Resolve `require(name)`: bundled library first, then the driver's folder."""
+        if not _MODULE_NAME.match(name):
+            return None, (
+                b"module '" + name + b"' not found: module names are dotted Lua identifiers "
+                b"(no '/', '..' or absolute paths)"
+            ), b""
+        rel = Path(*name.decode("ascii").split("."))
+        roots = [(self.lib_dir, b"lib")]
+        if self.driver_dir:
+            roots.append((self.driver_dir, b"driver"))
+        roots += [(r, b"driver") for r in self.extra_roots]
+        for root, kind in roots:
+            for candidate in (root / rel.with_suffix(".lua"), root / rel / "init.lua"):
+                if candidate.is_file():
+                    real = candidate.resolve()
+                    if not real.is_relative_to(root):
+                        continue  # a symlink pointing out of the root: not ours to load
+                    return rewrite(real.read_bytes()), chunkname(real), kind
+        return None, b"module '" + name + b"' not found in the driver folder or the hubhost library", b""
+
+    # -- running code --------------------------------------------------------------------
+    def new_env(self) -> Any:
+        return self.sb.new_env()
+
+    def compile(self, src: bytes, name: str, env: Any = None, *, interpreted: bool = True) -> Any:
+        """Compile driver-side source text into a function bound to `env` (raises LuaError)."""
+        env = env if env is not None else self.new_env()
+        fn, err = self.sb.compile(src, b"@" + name.encode(), env, interpreted)
+        if fn is None:
+            raise LuaError(err.decode("utf-8", "replace"))
+        return fn
+
+    def run(self, src: str | bytes, name: str = "chunk", env: Any = None) -> Any:
+        """Run a chunk of driver-side code in a sandbox environment (tests, `hubhost check`)."""
+        if isinstance(src, str):
+            src = src.encode()
+        return self.compile(src, name, env)()
+
+    def memory_used(self) -> int:
+        return self.lua.get_memory_used() or 0
+
+
+def chunkname(path: Path) -> bytes:
+    """`@path` as Lua wants it, relative to the working directory when that is shorter."""
+    try:
+        shown = path.relative_to(Path.cwd())
+    except ValueError:
+        shown = path
+    return b"@" + str(shown).encode()
+
+
+def to_lua(lua: Any, value: Any) -> Any:
+    """Convert plain Python data (dict/list/str/numbers) into Lua values, str as bytes."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, dict):
+        t = lua.table()
+        for k, v in value.items():
+            t[k.encode() if isinstance(k, str) else k] = to_lua(lua, v)
+        return t
+    if isinstance(value, (list, tuple)):
+        t = lua.table()
+        for i, v in enumerate(value, 1):
+            t[i] = to_lua(lua, v)
+        return t
+    return value
+
+
+def from_lua(value: Any) -> Any:
+    """Convert Lua data into plain Python: tables with keys 1..n become lists, bytes become
+    str where they are UTF-8. Metatables are ignored (raw contents)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return value
+    if lupa.lua_type(value) == "table":
+        items = list(value.items())
+        n = len(items)
+        if n and all(isinstance(k, int) and not isinstance(k, bool) for k, _ in items):
+            keys = sorted(k for k, _ in items)
+            if keys == list(range(1, n + 1)):
+                d = dict(items)
+                return [from_lua(d[i]) for i in range(1, n + 1)]
+        return {from_lua(k) if isinstance(k, bytes) else k: from_lua(v) for k, v in items}
+    return value

@@ -1,0 +1,179 @@
+--- driver_helper: builds a driver from its template and gives it timers, devices and the
+-- datastore. See DESIGN section 3 for the names; they are a contract with driver authors.
+local caps = select(2, ...)
+local log = require "log"
+
+local type, pairs, ipairs, tostring, error, setmetatable, select =
+  type, pairs, ipairs, tostring, error, setmetatable, select
+local str_format = string.format
+
+local driver_helper = {}
+
+local LIFECYCLE = { init = true, added = true, removed = true, shutdown = true,
+                    connected = true, disconnected = true }
+
+local function fail(msg, level) error("driver_helper: " .. msg, (level or 1) + 1) end
+
+local function check_interval(what, seconds, fn, name)
+  if type(seconds) ~= "number" or seconds ~= seconds then
+    error(str_format("%s: seconds must be a number, got %s", what, type(seconds) == "number" and "nan" or type(seconds)), 3)
+  end
+  if seconds <= 0 or seconds == math.huge then
+    error(str_format("%s: seconds must be positive and finite, got %s", what, tostring(seconds)), 3)
+  end
+  if type(fn) ~= "function" then
+    error(str_format("%s: callback must be a function, got %s", what, type(fn)), 3)
+  end
+  if name ~= nil and type(name) ~= "string" then
+    error(str_format("%s: name must be a string or nil, got %s", what, type(name)), 3)
+  end
+end
+
+---------------------------------------------------------------------------------------------
+-- Driver methods.
+local Driver = {}
+Driver.__index = Driver
+
+--- Run fn(driver) once after `seconds`. Returns a timer handle for cancel_timer.
+function Driver:call_with_delay(seconds, fn, name)
+  check_interval("call_with_delay", seconds, fn, name)
+  return { id = caps.timer_start(seconds, fn, name, false), name = name }
+end
+
+--- Run fn(driver) every `seconds`, first after `seconds`.
+function Driver:call_on_schedule(seconds, fn, name)
+  check_interval("call_on_schedule", seconds, fn, name)
+  return { id = caps.timer_start(seconds, fn, name, true), name = name }
+end
+
+--- Cancel a timer from call_with_delay/call_on_schedule. Returns true if it was pending.
+function Driver:cancel_timer(t)
+  if type(t) ~= "table" or type(t.id) ~= "number" then
+    error("cancel_timer: expected a timer returned by call_with_delay or call_on_schedule, got " .. type(t), 2)
+  end
+  return caps.timer_cancel(t.id)
+end
+
+--- For authors used to SmartThings Edge: the host runs the driver, so this returns at once.
+function Driver:run() return self end
+
+--- The driver's devices, by id.
+function Driver:get_devices()
+  local list = {}
+  for _, d in pairs(caps.devices()) do list[#list + 1] = d end
+  table.sort(list, function(a, b) return a.id < b.id end)
+  return list
+end
+
+function Driver:get_device(id) return caps.devices()[id] end
+
+---------------------------------------------------------------------------------------------
+-- Devices.
+local Device = {}
+local device_lazy = {}
+Device.__index = function(self, k)
+  local m = Device[k]
+  if m ~= nil then return m end
+  local lazy = device_lazy[k]
+  if lazy then
+    local v = lazy(self)
+    rawset(self, k, v)
+    return v
+  end
+end
+
+function device_lazy.persistent_store(self)
+  if not caps.device_store then error("device.persistent_store: no datastore in this host", 3) end
+  return caps.device_store(self.id)
+end
+
+function device_lazy.status(self)
+  if caps.status_proxy then return caps.status_proxy(self.id) end
+  return nil
+end
+
+function Device:send(bytes)
+  if not caps.send then error("device:send: this driver has no transport", 2) end
+  return caps.send(self.id, bytes)
+end
+
+function Device:request(bytes, opts)
+  if not caps.request then error("device:request: this driver has no transport", 2) end
+  return caps.request(self.id, bytes, opts)
+end
+
+function Device:emit(name, value)
+  self.status[name] = value
+end
+
+function caps.make_device(info)
+  local d = {
+    id = info.id,
+    label = info.label or info.id,
+    config = info.config or {},
+    log = log.for_device(info.id),
+  }
+  return setmetatable(d, Device)
+end
+
+---------------------------------------------------------------------------------------------
+-- Template validation.
+local function validate(t, level)
+  level = (level or 1) + 1
+  if type(t) ~= "table" then fail("init expects a template table, got " .. type(t), level) end
+  if type(t.name) ~= "string" or t.name == "" then
+    fail("template.name must be a non-empty string, got " .. tostring(t.name), level)
+  end
+  if t.lifecycle ~= nil then
+    if type(t.lifecycle) ~= "table" then fail("template.lifecycle must be a table", level) end
+    for k, v in pairs(t.lifecycle) do
+      if not LIFECYCLE[k] then
+        fail("template.lifecycle." .. tostring(k) .. " is not a lifecycle event (init, added, removed, shutdown, connected, disconnected)", level)
+      end
+      if type(v) ~= "function" then fail("template.lifecycle." .. k .. " must be a function, got " .. type(v), level) end
+    end
+  end
+  if t.on_receive ~= nil and type(t.on_receive) ~= "function" then
+    fail("template.on_receive must be a function, got " .. type(t.on_receive), level)
+  end
+  if t.functions ~= nil then
+    if type(t.functions) ~= "table" then fail("template.functions must be a table", level) end
+    for name, f in pairs(t.functions) do
+      if type(name) ~= "string" then fail("template.functions keys must be names (strings)", level) end
+      if type(f) ~= "table" or type(f.handler) ~= "function" then
+        fail("template.functions." .. name .. " must be a table with a handler function", level)
+      end
+    end
+  end
+  if caps.validate_template then caps.validate_template(t, level) end
+end
+
+local function build(template, transport, level)
+  validate(template, (level or 1) + 1)
+  local d = setmetatable({}, Driver)
+  for k, v in pairs(template) do d[k] = v end
+  d.name = template.name
+  d.lifecycle = template.lifecycle or {}
+  d.functions = template.functions or {}
+  d.transport = transport
+  caps.register_driver(d)
+  if caps.datastore then d.datastore = caps.datastore() end
+  if caps.on_driver_built then caps.on_driver_built(d) end
+  return d
+end
+
+--- Build a driver with no transport (timers, API functions, other drivers).
+function driver_helper.init(template) return build(template, nil, 2) end
+
+--- Build a driver whose devices talk over a serial line / TCP / UDP (see the transports
+-- section of the README for the device settings).
+function driver_helper.init_serial(template) return build(template, "serial", 2) end
+function driver_helper.init_tcp(template) return build(template, "tcp", 2) end
+function driver_helper.init_udp(template) return build(template, "udp", 2) end
+
+--- Yield the current handler for `seconds` (other events of this driver keep running).
+function driver_helper.sleep(seconds) return caps.sleep(seconds) end
+
+driver_helper.Driver = Driver
+driver_helper.Device = Device
+return driver_helper
