@@ -1,0 +1,119 @@
+"""Shared fixtures for the host's tests (real parts only, DESIGN section 7)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_FORBIDDEN_PORTS = {6379}  # a developer's or the system's own Redis: never touch it
+
+
+def _free_port() -> int:
+    """A free loopback TCP port (never 6379)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _FORBIDDEN_PORTS:
+            return port
+
+
+class RedisServer:
+    """A real redis-server on a loopback port that tests can kill, restart, pause and resume."""
+
+    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port = port or _free_port()
+        assert self.port not in _FORBIDDEN_PORTS
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start (or restart) on the same port and wait until it answers PING."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.proc = subprocess.Popen(
+            [
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--daemonize", "no", "--loglevel", "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.paused = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode} on port {self.port}"
+                )
+            if self.ping():
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout} s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the server (SIGKILL by default, like a crash) and reap it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if self.paused and sig != signal.SIGKILL:
+            self.resume()
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=10)
+        self.paused = False
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a stall)."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def client(self):  # -> redis.Redis (sync): for assertions in tests
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server per test; skipped when redis-server is missing (unless required)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        reason = "redis-server not found on PATH (install the redis-server package)"
+        if os.environ.get("HUBHOST_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{reason}; HUBHOST_REQUIRE_REDIS=1 requires it")
+        pytest.skip(reason)
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(binary, workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)
