@@ -12,7 +12,7 @@ ProjectorSimulator (serial, over a pty; every line ends with ``\\r``)::
 
 DisplaySimulator (TCP on 127.0.0.1; lines end with ``\\r\\n``, a bare ``\\n`` is accepted)::
 
-    power on | power off | power?  -> power=on | power=off
+    power on | power off | power?  -> power=on | power=off    ("power ?" works too)
     input hdmi1|hdmi2|dp | input?  -> input=hdmi1
     volume 0..100 | volume?        -> volume=40
     anything else                  -> error: unknown command
@@ -269,6 +269,8 @@ class DisplaySimulator(_LineDevice):
     def answer(self, line: bytes) -> bytes:
         """The display's reply to one command line (without the line end)."""
         words = line.decode("ascii", "replace").split()
+        if len(words) == 1 and words[0].endswith("?"):
+            words = [words[0][:-1], "?"]  # "power?" is the same query as "power ?"
         if len(words) != 2:
             return b"error: unknown command"
         cmd, arg = words
