@@ -26,7 +26,6 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import serial
 import serial_asyncio_fast
 
 DataCallback = Callable[[bytes], None]
@@ -218,6 +217,10 @@ class Transport:
     def _write(self, aio: asyncio.BaseTransport, data: bytes) -> None:
         aio.write(data)  # type: ignore[attr-defined]
 
+    async def _pause(self, delay: float) -> None:
+        """Wait before the next connect attempt; kinds may cut it short."""
+        await asyncio.sleep(delay)
+
     # -- the reconnect loop -----------------------------------------------------------
 
     async def _run(self, first: asyncio.Future[None]) -> None:
@@ -245,7 +248,7 @@ class Transport:
                         self.log.debug("%s: cannot connect: %s", self.describe, reason)
                     if not first.done():
                         first.set_result(None)
-                    await asyncio.sleep(self.backoff.delay(attempt))
+                    await self._pause(self.backoff.delay(attempt))
                     attempt += 1
                     continue
                 outage_logged = False
@@ -257,7 +260,7 @@ class Transport:
                     break
                 if loop.time() - started >= self.backoff.stable:
                     attempt = 0
-                await asyncio.sleep(self.backoff.delay(attempt))
+                await self._pause(self.backoff.delay(attempt))
                 attempt += 1
         finally:
             if not first.done():
@@ -340,7 +343,10 @@ class TcpTransport(Transport):
         sock = aio.get_extra_info("socket")
         if sock is not None:
             # A dead peer (cable pulled) is noticed eventually even when we only listen.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError as exc:
+                self.log.debug("%s: cannot enable keepalive: %s", self.describe, exc)
 
 
 class UdpTransport(Transport):
@@ -366,7 +372,13 @@ class UdpTransport(Transport):
 
 
 class SerialTransport(Transport):
-    """A serial line through pyserial; a vanished port is polled for and reopened."""
+    """A serial line through pyserial; a vanished port is polled for and reopened.
+
+    While the port's path is missing (adapter unplugged) the path is checked every
+    ``poll_interval`` seconds, so a replugged adapter is reopened at once instead of
+    after the (possibly 30 s) backoff. ``exclusive`` takes a flock so two drivers cannot
+    share one line by mistake.
+    """
 
     kind = "serial"
 
@@ -380,10 +392,13 @@ class SerialTransport(Transport):
         rtscts: bool = False,
         xonxoff: bool = False,
         exclusive: bool = True,
+        *,
+        poll_interval: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.port = port
+        self.poll_interval = poll_interval
         self.serial_settings = {
             "baudrate": baudrate,
             "bytesize": bytesize,
@@ -405,6 +420,18 @@ class SerialTransport(Transport):
         await serial_asyncio_fast.create_serial_connection(
             loop, lambda: proto, self.port, **self.serial_settings
         )
+
+    async def _pause(self, delay: float) -> None:
+        """Back off, but reopen at once when a missing port reappears (USB replugged)."""
+        if "://" in self.port or os.path.exists(self.port):
+            await asyncio.sleep(delay)
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + delay
+        while (left := end - loop.time()) > 0:
+            await asyncio.sleep(min(self.poll_interval, left))
+            if os.path.exists(self.port):
+                return
 
 
 # -- settings validation ------------------------------------------------------------------

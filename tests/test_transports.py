@@ -251,6 +251,27 @@ def test_serial_port_unplugged_and_replugged_is_reopened():
     run(main())
 
 
+def test_replugged_port_is_reopened_without_waiting_out_the_backoff():
+    async def main():
+        sim = ProjectorSimulator()
+        await sim.start()
+        rec = Recorder({"delimiter": b"\r"})
+        slow = Backoff(initial=10.0, maximum=10.0, jitter=0.0)
+        t = SerialTransport(sim.port, backoff=slow, poll_interval=0.02, **rec.callbacks)
+        try:
+            await t.open()
+            await sim.unplug()
+            await until(lambda: rec.count("disconnected") == 1, "disconnect")
+            await asyncio.sleep(0.05)
+            await sim.replug()
+            await until(lambda: t.connected, "reopen well before the 10 s backoff", timeout=3.0)
+        finally:
+            await t.close()
+            await sim.stop()
+
+    run(main())
+
+
 def test_serial_port_missing_at_open_connects_when_it_appears():
     async def main():
         sim = ProjectorSimulator()  # path known, pty not created yet
