@@ -23,7 +23,7 @@ local tconcat, tinsert, tremove, tsort = table.concat, table.insert, table.remov
 local co_create, co_resume, co_yield, co_status, co_running, co_wrap =
   coroutine.create, coroutine.resume, coroutine.yield, coroutine.status, coroutine.running, coroutine.wrap
 local floor, huge = math.floor, math.huge
-local host_clock = host.thread_time
+local host_clock = host.clock
 local host_find_module = host.find_module
 local host_rewrite = host.rewrite
 
@@ -47,9 +47,11 @@ do
 end
 
 ---------------------------------------------------------------------------------------------
--- CPU budget: an instruction-count hook compares the thread's CPU time with the deadline of
--- the handler that is running. Driver chunks run interpreted (jit.off) so the hook fires.
-local deadline = nil          -- thread CPU seconds; nil while idle
+-- CPU budget: an instruction-count hook compares the clock with the deadline of the handler
+-- that is running. Driver chunks run interpreted (jit.off) so the hook fires. The clock is
+-- monotonic wall time spent running (a parked handler is not running): on a loaded hub a
+-- handler is cut at its limit of elapsed time rather than allowed more than that.
+local deadline = nil          -- monotonic seconds; nil while idle
 local abort_message = nil     -- set once the budget is spent; pcall cannot swallow it
 
 local function cpu_hook()
@@ -58,7 +60,7 @@ local function cpu_hook()
     error(abort_message, 0)
   end
 end
-sethook(cpu_hook, "", 10000)
+sethook(cpu_hook, "", 20000)
 
 function M.arm(limit_seconds, label)
   abort_message = nil

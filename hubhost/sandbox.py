@@ -80,8 +80,16 @@ class Sandbox:
         )
         self.lua.execute(b"python = nil; package.loaded.python = nil")
         self.host = self.lua.table()
+        # Host functions are wrapped so a Python exception reaches Lua as a plain string,
+        # never as a Python exception object.
+        self._wrap = self.lua.eval(
+            b"function(raw) "
+            b"local tostring, error, pcall = tostring, error, pcall "
+            b"local function check(ok, ...) if not ok then error(tostring((...)), 0) end return ... end "
+            b"return function(...) return check(pcall(raw, ...)) end end"
+        )
         self.expose(
-            thread_time=time.thread_time,
+            clock=time.monotonic,
             find_module=self._find_module,
             rewrite=rewrite,
             print=self._print,
@@ -103,7 +111,7 @@ class Sandbox:
     def expose(self, **functions: Callable[..., Any]) -> None:
         """Make Python callables available to the privileged Lua glue as host.<name>."""
         for name, fn in functions.items():
-            self.host[name.encode()] = fn
+            self.host[name.encode()] = self._wrap(fn)
 
     def _print(self, text: bytes) -> None:
         self._on_print(text.decode("utf-8", "replace"))

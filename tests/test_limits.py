@@ -1,0 +1,154 @@
+"""CPU and memory limits per driver, measured on real hubs with real threads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from pathlib import Path
+
+from hubutil import run, running_hub, write_config, write_driver
+
+TICKER = """
+    local driver_helper = require "driver_helper"
+    local log = require "log"
+    local d = driver_helper.init { name = "ticker" }
+    d:call_on_schedule(0.1, function() log.info("tick") end, "tick")
+    return d
+"""
+
+
+def _two_drivers(tmp_path: Path, spinner_src: str, cpu_limit: float = 1.0, max_memory: str = "64MiB") -> Path:
+    write_driver(tmp_path, "spinner", spinner_src)
+    write_driver(tmp_path, "ticker", TICKER)
+    return write_config(tmp_path / "hub.toml", f"""
+        [[drivers]]
+        id = "spinner"
+        path = "spinner"
+        cpu_limit = {cpu_limit}
+        max_memory = "{max_memory}"
+
+        [[drivers]]
+        id = "ticker"
+        path = "ticker"
+    """)
+
+
+def _max_gap(times: list[float], start: float, end: float) -> float:
+    inside = [t for t in times if start <= t <= end]
+    points = [start] + inside + [end]
+    return max(b - a for a, b in zip(points, points[1:]))
+
+
+def test_infinite_loop_is_aborted_and_other_drivers_keep_ticking(tmp_path: Path) -> None:
+    cfg = _two_drivers(tmp_path, """
+        local driver_helper = require "driver_helper"
+        local log = require "log"
+        local d = driver_helper.init { name = "spinner" }
+        d:call_with_delay(0.3, function()
+          log.info("spin start")
+          while true do end
+        end, "spin")
+        d:call_with_delay(0.4, function() log.info("later event ran") end, "later")
+        -- pcall cannot swallow the abort
+        d:call_with_delay(2.0, function()
+          log.info("pcall spin start")
+          while true do pcall(function() while true do end end) end
+        end, "pcall-spin")
+        d:call_with_delay(2.2, function() log.info("still alive") end, "alive")
+        return d
+    """)
+
+    async def main() -> None:
+        async with running_hub(cfg, tmp_path / "state") as (sup, cap):
+            await cap.wait_for("aborted", timeout=4, count=1)
+            start = cap.times("spin start")[0]
+            aborted = [r.created for r in cap.records if "aborted" in r.getMessage()][0]
+            assert aborted - start <= 1.0 + 0.5, aborted - start
+            msg = cap.lines("aborted")[0]
+            assert "[spinner]" in msg and "timer spin" in msg and "cpu limit" in msg
+            await cap.wait_for("later event ran", timeout=2)
+            # the other driver's 100 ms timer kept firing while the spinner spun
+            assert _max_gap(cap.times("tick"), start + 0.05, aborted) < 0.35
+            await cap.wait_for("still alive", timeout=4)
+            assert len(cap.lines("aborted")) >= 2
+            assert sup.slots["spinner"].state == "running"
+
+    run(main())
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def test_c_call_stall_does_not_stop_others_and_cpu_returns_to_idle(tmp_path: Path) -> None:
+    cfg = _two_drivers(tmp_path, """
+        local driver_helper = require "driver_helper"
+        local log = require "log"
+        local d = driver_helper.init { name = "spinner" }
+        d:call_with_delay(0.3, function()
+          log.info("stall start")
+          local r = ("a"):rep(5000):find(".-.-.-.-b")
+          log.info("stall returned", tostring(r))
+        end, "stall")
+        d:call_on_schedule(0.2, function() log.info("spinner beat") end, "beat")
+        return d
+    """, cpu_limit=1.0)
+
+    async def main() -> None:
+        async with running_hub(cfg, tmp_path / "state") as (sup, cap):
+            await cap.wait_for("stall start", timeout=3)
+            start = cap.times("stall start")[0]
+            # the stalled driver is back (serving its own timer again) within twice its limit
+            deadline = start + 2 * 1.0
+            while time.time() < deadline and not [t for t in cap.times("spinner beat") if t > start + 0.3]:
+                await asyncio.sleep(0.02)
+            back = [t for t in cap.times("spinner beat") if t > start + 0.3]
+            assert back and back[0] - start <= 2.0, "stalled driver not back within 2x its limit"
+            assert _max_gap(cap.times("tick"), start + 0.05, back[0]) < 0.35
+            assert not cap.lines("stall returned")
+            # CPU falls back to idle: over 1 s the process uses well under half a core
+            await asyncio.sleep(0.3)
+            c0, t0 = _cpu_seconds(), time.monotonic()
+            await asyncio.sleep(1.0)
+            used = (_cpu_seconds() - c0) / (time.monotonic() - t0)
+            assert used < 0.3, f"process still burning {used:.0%} of a core"
+
+    run(main())
+
+
+def _rss_kib() -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_memory_bomb_is_stopped_at_the_limit(tmp_path: Path) -> None:
+    cfg = _two_drivers(tmp_path, """
+        local driver_helper = require "driver_helper"
+        local log = require "log"
+        local d = driver_helper.init { name = "spinner" }
+        d:call_with_delay(0.2, function()
+          log.info("bomb start")
+          local t = {} while true do t[#t+1] = ("x"):rep(1e6) end
+        end, "bomb")
+        d:call_with_delay(1.0, function() log.info("after bomb") end, "after")
+        return d
+    """, max_memory="32MiB")
+
+    async def main() -> None:
+        rss0 = _rss_kib()
+        async with running_hub(cfg, tmp_path / "state") as (sup, cap):
+            await cap.wait_for("memory limit", timeout=5)
+            peak = _rss_kib()
+            assert "[spinner]" in cap.lines("memory limit")[0]
+            await cap.wait_for("after bomb", timeout=3)
+            # the host's own RSS stayed bounded: the limit plus interpreter overhead
+            assert peak - rss0 < 32 * 1024 + 48 * 1024, (rss0, peak)
+            assert sup.slots["spinner"].state == "running"
+
+    run(main())
