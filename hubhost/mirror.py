@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from .status import StatusStore
 
@@ -197,6 +198,9 @@ return 1
 
 _SCRIPTS = {"update": _UPDATE_FIELDS, "sync": _SYNC_FIELDS, "index": _SYNC_INDEX}
 
+# What a dead, stalled or refusing Redis raises: an outage, not a bug.
+_EXPECTED_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
 _PIPELINE_ARGS = 20_000  # args per pipeline round trip: bounds buffers and per-read latency
 
 
@@ -225,13 +229,34 @@ class _Work:
 
 
 class _Session:
-    """One Redis connection: pipelined raw commands, raw byte replies."""
+    """One connection to a single Redis: pipelined raw commands, raw byte replies."""
 
     def __init__(self, conn: AbstractConnection) -> None:
         self.conn = conn
         self.shas: dict[str, bytes] = {}
         self.client_id: int | None = None
         self.client_addr: str | None = None
+
+    async def open(self, stale: list[tuple[int, str]]) -> None:
+        """Connect, learn who we are (for a later CLIENT KILL), kill stale clients, load scripts."""
+        await self.conn.connect()
+        names = list(_SCRIPTS)
+        commands: list[tuple[Any, ...]] = [("CLIENT", "INFO")]
+        # Commands of a timed-out connection may still sit in a stalled server; kill
+        # that client so none of them can land after our resync. ID AND ADDR: a
+        # restarted server reuses ids. Errors (e.g. ACL) only lose this safety net.
+        commands += [("CLIENT", "KILL", "ID", cid, "ADDR", addr) for cid, addr in stale]
+        commands += [("SCRIPT", "LOAD", _SCRIPTS[n]) for n in names]
+        replies = await self.execute(commands)
+        info = replies[0]
+        if isinstance(info, bytes):
+            fields = dict(p.split("=", 1) for p in info.decode().split() if "=" in p)
+            if "id" in fields and fields.get("addr"):
+                self.client_id, self.client_addr = int(fields["id"]), fields["addr"]
+        for name, sha in zip(names, replies[-len(names):]):
+            if isinstance(sha, Exception):
+                raise sha
+            self.shas[name] = sha
 
     async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send all commands in one write, read all replies; error replies come back as values."""
@@ -245,24 +270,45 @@ class _Session:
                 replies.append(exc)
         return replies
 
-    async def setup(self) -> None:
-        """Learn who we are (for a later CLIENT KILL) and load the scripts."""
-        names = list(_SCRIPTS)
-        replies = await self.execute(
-            [("CLIENT", "INFO")] + [("SCRIPT", "LOAD", _SCRIPTS[n]) for n in names]
-        )
-        info = replies[0]
-        if isinstance(info, bytes):
-            fields = dict(p.split("=", 1) for p in info.decode().split() if "=" in p)
-            if "id" in fields and fields.get("addr"):
-                self.client_id, self.client_addr = int(fields["id"]), fields["addr"]
-        for name, sha in zip(names, replies[1:]):
-            if isinstance(sha, Exception):
-                raise sha
-            self.shas[name] = sha
+    async def ping(self) -> None:
+        await self.execute([("PING",)])
+
+    async def close(self) -> None:
+        await self.conn.disconnect(nowait=True)
 
     def script(self, name: str, key: str, args: list[Any]) -> tuple[Any, ...]:
         return ("EVALSHA", self.shas[name], 1, key, *args)
+
+
+class _ClusterSession(_Session):
+    """A Redis Cluster client: each command goes to the node owning its one key.
+
+    No CLIENT KILL safety net here (clients live on many nodes); everything else,
+    including the single-key scripts, is the same as for one server.
+    """
+
+    def __init__(self, client: RedisCluster) -> None:  # noqa: D107 (no single conn)
+        self.client = client
+        self.shas = {}
+        self.client_id = None
+        self.client_addr = None
+
+    async def open(self, stale: list[tuple[int, str]]) -> None:
+        await self.client.initialize()
+        for name, text in _SCRIPTS.items():
+            self.shas[name] = await self.client.script_load(text)  # on every primary
+
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.client.pipeline()
+        for cmd in commands:
+            pipe.execute_command(*cmd)
+        return await pipe.execute(raise_on_error=False)
+
+    async def ping(self) -> None:
+        await self.client.ping(target_nodes=RedisCluster.ALL_NODES)
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 def _redact(url: str) -> str:
@@ -296,6 +342,7 @@ class RedisMirror:
         max_backoff: float = 1.0,
         health_interval: float = 1.0,
         batch_size: int = 2000,
+        cluster: bool = False,
     ) -> None:
         self._status = status
         self._url = url
@@ -306,16 +353,17 @@ class RedisMirror:
         self._max_backoff = max_backoff
         self._health_interval = health_interval
         self._batch_size = batch_size
-        # Parses (and so validates) the URL now: a bad URL is a config error at start.
-        self._pool = ConnectionPool.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            client_name="hubhost-mirror",
+        self._cluster = cluster
+        self._conn_kw: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "health_check_interval": 0,
+            "client_name": "hubhost-mirror",
             **_POOL_EXTRA,
-        )
+        }
+        # Parses (and so validates) the URL now: a bad URL is a config error at start.
+        # No retries inside redis-py: a failure must reach us to be counted and resynced.
+        self._pool = ConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **self._conn_kw)
 
         # Shared with driver threads: guarded by _plock.
         self._plock = threading.Lock()
@@ -344,6 +392,7 @@ class RedisMirror:
         self._unsubscribe: Any = None
         self._stopping = False
         self._stale: list[tuple[int, str]] = []  # (client id, addr) of dead sessions
+        self._session: _Session | None = None
         self._last_send = 0.0
         self._error_seen: set[str] = set()
 
@@ -575,7 +624,8 @@ class RedisMirror:
     async def _run(self) -> None:
         backoff = 0.05
         while not self._stopping:
-            session: _Session | None = None
+            self._session = None
+            delay = 0.0
             try:
                 session = await self._open()
                 await self._resync(session)
@@ -586,29 +636,19 @@ class RedisMirror:
                 raise
             except _ResyncNeeded as exc:
                 self._log.info("Redis mirror: %s; reconnecting to resync", exc)
-                continue_fast = True
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                delay = 0.05
+            except _EXPECTED_ERRORS as exc:
                 self._mark_down(exc)
-                continue_fast = False
+                delay = random.uniform(backoff / 2, backoff)
+                backoff = min(backoff * 2, self._max_backoff)
             except Exception as exc:  # a bug must not end mirroring for good
                 self._log.exception("Redis mirror: unexpected error")
                 self._mark_down(exc)
-                continue_fast = False
-            else:
-                continue_fast = True
+                delay = self._max_backoff
             finally:
-                if session is not None:
-                    if session.client_id is not None and session.client_addr:
-                        self._stale.append((session.client_id, session.client_addr))
-                        del self._stale[:-8]
-                    try:
-                        await session.conn.disconnect(nowait=True)
-                    except Exception:
-                        pass
-            if self._stopping or continue_fast:
+                await self._close_session()
+            if self._stopping or not delay:
                 continue
-            delay = random.uniform(backoff / 2, backoff)
-            backoff = min(backoff * 2, self._max_backoff)
             assert self._wake is not None
             self._wake.clear()
             try:
@@ -619,17 +659,26 @@ class RedisMirror:
             self._connected = False
 
     async def _open(self) -> _Session:
-        conn = self._pool.make_connection()
-        session = _Session(conn)
-        await conn.connect()
-        await session.setup()
-        if self._stale:
-            # Commands of a timed-out connection may still sit in a stalled server;
-            # kill that client so none of them can land after our resync.
-            kills = [("CLIENT", "KILL", "ID", cid, "ADDR", addr) for cid, addr in self._stale]
-            await session.execute(kills)  # errors (e.g. ACL) only lose this safety net
-            self._stale.clear()
+        if self._cluster:
+            session: _Session = _ClusterSession(RedisCluster.from_url(self._url, **self._conn_kw))
+        else:
+            session = _Session(self._pool.make_connection())
+        self._session = session  # so _run can close it even if open() fails half way
+        await session.open(self._stale)
+        self._stale.clear()
         return session
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        if session.client_id is not None and session.client_addr:
+            self._stale.append((session.client_id, session.client_addr))
+            del self._stale[:-8]
+        try:
+            await session.close()
+        except Exception:  # closing a broken connection may fail; it is gone either way
+            pass
 
     def _mark_connected(self) -> None:
         with self._plock:
@@ -685,7 +734,7 @@ class RedisMirror:
                     with self._plock:
                         quiet = self._idle
                     if quiet:
-                        await session.execute([("PING",)])
+                        await session.ping()
                 continue
             self._synced.clear()
             if hits and n < self._batch_size and not self._stopping:

@@ -29,10 +29,12 @@ def _free_port() -> int:
 class RedisServer:
     """A real redis-server on a loopback port that tests can kill, restart, pause and resume."""
 
-    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, binary: str, workdir: Path, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.workdir = workdir
         self.port = port or _free_port()
+        self.extra_args = extra_args
         assert self.port not in _FORBIDDEN_PORTS
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
@@ -48,7 +50,7 @@ class RedisServer:
             [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                "--daemonize", "no", "--loglevel", "warning",
+                "--daemonize", "no", "--loglevel", "warning", *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -100,20 +102,77 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A fresh redis-server per test; skipped when redis-server is missing (unless required)."""
+def _redis_binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
         reason = "redis-server not found on PATH (install the redis-server package)"
         if os.environ.get("HUBHOST_REQUIRE_REDIS") == "1":
             pytest.fail(f"{reason}; HUBHOST_REQUIRE_REDIS=1 requires it")
         pytest.skip(reason)
+    return binary
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server per test; skipped when redis-server is missing (unless required)."""
     workdir = tmp_path / "redis"
     workdir.mkdir()
-    server = RedisServer(binary, workdir)
+    server = RedisServer(_redis_binary(), workdir)
     server.start()
     try:
         yield server
     finally:
         server.stop(signal.SIGKILL)
+
+
+class RedisClusterNodes:
+    """Three real redis-server primaries forming a Redis Cluster (slots split evenly)."""
+
+    def __init__(self, nodes: list[RedisServer]) -> None:
+        self.nodes = nodes
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def client(self):  # -> redis.cluster.RedisCluster (sync)
+        from redis.cluster import RedisCluster
+
+        return RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=5)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
+    """A 3-node Redis Cluster built with CLUSTER ADDSLOTSRANGE/MEET (quicker than redis-cli)."""
+    import redis
+
+    binary = _redis_binary()
+    nodes: list[RedisServer] = []
+    try:
+        for i in range(3):
+            workdir = tmp_path / f"cluster{i}"
+            workdir.mkdir()
+            node = RedisServer(binary, workdir, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000"))
+            node.start()
+            nodes.append(node)
+        clients = [redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=5) for n in nodes]
+        step = 16384 // 3
+        for i, c in enumerate(clients):
+            last = 16383 if i == 2 else (i + 1) * step - 1
+            c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+        for n in nodes[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port)
+        deadline = time.monotonic() + 20
+        while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+                      for c in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster did not reach cluster_state:ok in 20 s")
+            time.sleep(0.02)
+        for c in clients:
+            c.close()
+        yield RedisClusterNodes(nodes)
+    finally:
+        for node in nodes:
+            node.stop(signal.SIGKILL)

@@ -528,3 +528,49 @@ def test_status_store_alone_needs_no_redis() -> None:
 def test_bad_url_is_refused_at_construction() -> None:
     with pytest.raises(ValueError):
         RedisMirror(StatusStore(), "http://example.invalid/")
+
+
+# ---------------------------------------------------------------- cluster
+
+
+def test_redis_cluster_mirror(redis_cluster, loop_thread, make_mirror) -> None:
+    """Every command touches one key, so the mirror works unchanged across slots and nodes."""
+    rc = redis_cluster.client()
+    rc.hset("c:status/dev7", "stale", "1")
+    store = StatusStore()
+    devices = [f"dev{i}" for i in range(40)]  # spread over all three nodes' slots
+    for d in devices:
+        store.set(d, "power", "true")
+    mirror = make_mirror(store, redis_cluster.url, "c:", cluster=True)
+    mirror.set_devices(devices)
+    mirror.set_system_index("room", {f"Display/{i}": d for i, d in enumerate(devices, 1)})
+    mirror.set_interface("dev1", '{"functions":{}}')
+    synced(loop_thread, mirror)
+    nodes_used = {rc.get_node_from_key(f"c:status/{d}").port for d in devices}
+    assert len(nodes_used) == 3
+    for d in devices:
+        assert rc.hgetall(f"c:status/{d}") == {b"power": b"true"}
+    assert len(rc.hgetall("c:system/room")) == 40
+    assert rc.get("c:interface/dev1") == b'{"functions":{}}'
+    for i in range(200):
+        store.set(devices[i % 40], "level", str(i))
+    store.set("dev3", "power", None)
+    mirror.remove_device("dev5")
+    synced(loop_thread, mirror)
+    assert redis_equals_memory(rc, StatusStoreView(store, exclude={"dev5"}), mirror.keys)
+    assert rc.exists("c:status/dev5") == 0
+    assert b"Display/6" not in rc.hgetall("c:system/room")
+    rc.close()
+
+
+class StatusStoreView:
+    """The store minus some devices (for comparisons after a removal)."""
+
+    def __init__(self, store: StatusStore, exclude: set[str]) -> None:
+        self.store, self.exclude = store, exclude
+
+    def device_ids(self) -> list[str]:
+        return [d for d in self.store.device_ids() if d not in self.exclude]
+
+    def device(self, device_id: str) -> dict[str, str]:
+        return self.store.device(device_id)
