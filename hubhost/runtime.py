@@ -174,6 +174,17 @@ class DriverRuntime:
         """Run a Lua function as a handler coroutine (events, function calls)."""
         self._guard(label, self.R.call, label.encode(), fn, *args)
 
+    def dispatch_batch(self, label: bytes, fn: Any, items: Any) -> None:
+        """Run fn(driver, item) as one handler per item, in order (a burst of events)."""
+        call, driver = self.R.call, self.R.driver()
+        if isinstance(items, int):
+            items = range(items)
+        for item in items:
+            try:
+                call(label, fn, driver, item)
+            except LuaError as e:
+                self._handler_failed(label, str(e).encode(), b"")
+
     def metadata(self) -> dict[str, Any] | None:
         md = self.R.metadata()
         return from_lua(md) if md is not None else None

@@ -204,14 +204,14 @@ safe_table.foreach, safe_table.foreachi, safe_table.setn = nil, nil, nil
 
 ---------------------------------------------------------------------------------------------
 -- Loading code: text only, rewritten for __hh_len, run in a given environment.
-local function compile(src, chunkname, env, interpreted)
+local function compile(src, chunkname, env, interpreted, rewritten)
   if type(src) ~= "string" then
     return nil, "chunk must be a string, got " .. type(src)
   end
   if str_byte(src, 1) == 27 then
     return nil, "attempt to load a binary chunk: only Lua source text may be loaded"
   end
-  src = host_rewrite(src)
+  if not rewritten then src = host_rewrite(src) end
   local fn, err = loadstring(src, chunkname)
   if not fn then return nil, err end
   setfenv(fn, env)
@@ -296,7 +296,15 @@ local function safe_require_for(env)
     local src, chunkname, kind = host_find_module(name)
     if not src then error(chunkname, 2) end
     local is_lib = kind == "lib"
-    local fn, err = compile(src, chunkname, is_lib and new_env() or env, not is_lib)
+    local fn, err
+    if is_lib then
+      -- bundled library: bytecode compiled by the host from our own files (never from
+      -- driver input), loaded with the JIT on in an environment of its own
+      fn, err = loadstring(src, chunkname)
+      if fn then setfenv(fn, new_env()) end
+    else
+      fn, err = compile(src, chunkname, env, true, true)
+    end
     if not fn then error(err, 2) end
     loading[name] = true
     local ok, res = pcall(fn, name, is_lib and library_caps or nil)

@@ -175,7 +175,7 @@ class DriverSlot:
                                             config=info.get("config", {})))
         for dev in self.cfg.devices:
             rt.start_device(dev, dev.id not in known)
-        self._save_known_devices()
+        self._save_known_devices(known)
 
     def _known_devices(self) -> dict[str, dict[str, Any]]:
         f = self.state_dir / "devices.json"
@@ -188,8 +188,10 @@ class DriverSlot:
             log.error("[%s] %s is unreadable (%s); treating every device as new", self.id, f, e)
             return {}
 
-    def _save_known_devices(self) -> None:
+    def _save_known_devices(self, known: dict[str, Any]) -> None:
         data = {d.id: {"label": d.label, "config": d.config} for d in self.cfg.devices}
+        if data == known:
+            return
         atomicfile.write_atomic(self.state_dir / "devices.json",
                                 orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
 
