@@ -1,0 +1,58 @@
+-- Argument matchers for called_with/returned_with: match._ (anything),
+-- match.is_string(), match.is_not_nil(), match.is_same(x), ...
+local namespace = require "luassert.namespaces"
+local util = require "luassert.util"
+
+local matcher_mt = {
+  __call = function(self, value) return self.callback(value) == self.mod end,
+}
+
+local state_mt = {}
+
+state_mt.__index = function(self, key)
+  for token in key:lower():gmatch("[^_]+") do
+    self.tokens[#self.tokens + 1] = token
+  end
+  return self
+end
+
+state_mt.__call = function(self, ...)
+  local keys = util.extract_keys("matcher", self.tokens)
+  self.tokens = {}
+  local matcher
+  for _, key in ipairs(keys) do
+    matcher = namespace.matcher[key] or matcher
+  end
+  local arguments = util.pack(...)
+  if matcher then
+    for _, key in ipairs(keys) do
+      local m = namespace.modifier[key]
+      if m then m.callback(self) end
+    end
+    local fn = matcher.callback(self, arguments, 1)
+    return setmetatable({ name = matcher.name, mod = self.mod, callback = fn }, matcher_mt)
+  end
+  for _, key in ipairs(keys) do
+    local m = namespace.modifier[key]
+    if m then m.callback(self, arguments, 1) end
+  end
+  return self
+end
+
+local match = {
+  _ = setmetatable({ name = "_", mod = true, callback = function() return true end }, matcher_mt),
+
+  state = function() return setmetatable({ mod = true, tokens = {} }, state_mt) end,
+
+  is_matcher = function(obj)
+    return type(obj) == "table" and getmetatable(obj) == matcher_mt
+  end,
+
+  is_ref_matcher = function(obj)
+    return type(obj) == "table" and getmetatable(obj) == matcher_mt and obj.name == "ref"
+  end,
+}
+
+return setmetatable(match, {
+  __index = function(self, key) return self.state()[key] end,
+})

@@ -1,0 +1,288 @@
+-- Helpers shared by luassert's modules: deep comparison, argument copies
+-- for spies, token parsing and the one place where failures are raised.
+-- Locations come from a host capability (no debug library in the sandbox).
+local util = {}
+
+local unpack = unpack
+
+-- Host capabilities, injected by the runner (see util.set_host).
+local host = { getinfo = nil, prefix = nil, fail = nil }
+
+--- Installs host capabilities: getinfo(level_or_fn) -> {source, short_src,
+--- currentline, linedefined, what, name, namewhat} (level relative to its
+--- caller, like debug.getinfo), fail(text, raw) to raise failures, and
+--- lib_prefix, the chunk-name prefix of the bundled library.
+function util.set_host(caps)
+  if caps.getinfo ~= nil then host.getinfo = caps.getinfo end
+  if caps.fail ~= nil then host.fail = caps.fail end
+  if caps.lib_prefix ~= nil then host.prefix = caps.lib_prefix end
+  if host.getinfo and not host.prefix then
+    -- our own chunk name ends in "luassert/util.lua": what precedes it is
+    -- the bundled library's prefix, shared by every library module.
+    local info = host.getinfo(1)
+    local src = info and info.source or ""
+    local cut = src:find("luassert[/\\.]util%.lua$") or src:find("luassert[/\\.]util$")
+    host.prefix = cut and src:sub(1, cut - 1) or src
+  end
+end
+
+--- Debug information about a stack level (relative to the caller) or a
+--- function; nil when the host gave no capability.
+function util.getinfo(what)
+  if not host.getinfo then return nil end
+  if type(what) == "number" then return host.getinfo(what + 1) end
+  return host.getinfo(what)
+end
+
+--- True when a chunk source belongs to the bundled library.
+function util.is_internal(source)
+  local prefix = host.prefix
+  return prefix ~= nil and prefix ~= "" and type(source) == "string"
+    and source:sub(1, #prefix) == prefix
+end
+
+--- Name of a frame's file for messages: the full chunk name, untruncated.
+function util.srcname(info)
+  local src = info.source or ""
+  if src:sub(1, 1) == "@" then return src:sub(2) end
+  return info.short_src or src
+end
+
+--- The first frame outside the library and C, counted from the caller;
+--- skip > 0 steps further out (assert:level support).
+function util.where(skip)
+  if not host.getinfo then return nil end
+  skip = skip or 0
+  for level = 2, 250 do
+    local info = host.getinfo(level)
+    if not info then return nil end
+    if info.what ~= "C" and not util.is_internal(info.source) then
+      if skip <= 0 then return info end
+      skip = skip - 1
+    end
+  end
+  return nil
+end
+
+function util.callable(obj)
+  if type(obj) == "function" then return true end
+  local mt = getmetatable(obj)
+  return type(mt) == "table" and type(rawget(mt, "__call")) == "function"
+end
+
+function util.hastostring(obj)
+  if type(obj) == "string" then return true end
+  local mt = getmetatable(obj)
+  return type(mt) == "table" and type(rawget(mt, "__tostring")) == "function"
+end
+
+--- Raises an assertion failure whose message starts with the file:line of
+--- the first frame outside the library (what error(msg, level) would give).
+function util.fail(msg, skip)
+  local info = util.where(skip)
+  local text = msg
+  if util.hastostring(msg) or type(msg) == "number" then
+    text = tostring(msg)
+    if info then text = util.srcname(info) .. ":" .. tostring(info.currentline) .. ": " .. text end
+  end
+  if host.fail then return host.fail(text, msg) end
+  if info then error(text, 0) end
+  error(text, 3)
+end
+
+--- Raises a plain (non-assertion) error located like util.fail: for
+--- misuse of the library, which busted reports as an error, not a failure.
+function util.error(msg)
+  local info = util.where()
+  if info then error(util.srcname(info) .. ":" .. tostring(info.currentline) .. ": " .. msg, 0) end
+  error(msg, 3)
+end
+
+--- Deep equality of t1 and t2. Returns false plus the path (innermost key
+--- first) to the first difference. Cycles compare equal when they recur in
+--- step; __eq is honoured unless ignore_mt.
+function util.deepcompare(t1, t2, ignore_mt, cycles)
+  if type(t1) ~= "table" or type(t2) ~= "table" then return t1 == t2 end
+  if rawequal(t1, t2) then return true end
+  local mt1, mt2 = getmetatable(t1), getmetatable(t2)
+  if not ignore_mt and mt1 and mt1 == mt2 and type(mt1) == "table" and mt1.__eq then
+    return t1 == t2
+  end
+  cycles = cycles or {}
+  local seen = cycles[t1]
+  if seen and seen[t2] then return true end
+  if not seen then seen = {}; cycles[t1] = seen end
+  seen[t2] = true
+  for k1, v1 in next, t1 do
+    local v2 = t2[k1]
+    if v2 == nil then
+      seen[t2] = nil
+      return false, { k1 }
+    end
+    local same, crumbs = util.deepcompare(v1, v2, nil, cycles)
+    if not same then
+      seen[t2] = nil
+      crumbs = crumbs or {}
+      crumbs[#crumbs + 1] = k1
+      return false, crumbs
+    end
+  end
+  for k2 in next, t2 do
+    if t1[k2] == nil then
+      seen[t2] = nil
+      return false, { k2 }
+    end
+  end
+  seen[t2] = nil
+  return true
+end
+
+function util.shallowcopy(t)
+  if type(t) ~= "table" then return t end
+  local copy = {}
+  for k, v in next, t do copy[k] = v end
+  return copy
+end
+
+--- Deep copy keeping spies as they are; metatables are shared, not copied.
+function util.deepcopy(t, cache)
+  if type(t) ~= "table" then return t end
+  cache = cache or {}
+  if cache[t] then return cache[t] end
+  local spy = require "luassert.spy"
+  if spy.is_spy(t) then return t end
+  local copy = {}
+  cache[t] = copy
+  for k, v in next, t do copy[k] = util.deepcopy(v, cache) end
+  local mt = getmetatable(t)
+  if type(mt) == "table" then pcall(setmetatable, copy, mt) end
+  return copy
+end
+
+--- Copies a call's arguments: values (deep, frozen at call time) and refs.
+function util.copyargs(args)
+  local match = require "luassert.match"
+  local spy = require "luassert.spy"
+  local copy = {}
+  for k, v in pairs(args) do
+    if match.is_matcher(v) or spy.is_spy(v) then copy[k] = v else copy[k] = util.deepcopy(v) end
+  end
+  return { vals = copy, refs = util.shallowcopy(args) }
+end
+
+local function args_match(t1, t2, t1refs)
+  local match = require "luassert.match"
+  for k1, v1 in pairs(t1) do
+    local v2 = t2[k1]
+    if match.is_matcher(v1) then
+      if not v1(v2) then return false end
+    elseif match.is_matcher(v2) then
+      if match.is_ref_matcher(v2) then v1 = t1refs[k1] end
+      if not v2(v1) then return false end
+    elseif v2 == nil or not util.deepcompare(v1, v2) then
+      return false
+    end
+  end
+  for k2, v2 in pairs(t2) do
+    if t1[k2] == nil then
+      if match.is_matcher(v2) then
+        if not v2(nil) then return false end
+      else
+        return false
+      end
+    end
+  end
+  return true
+end
+
+--- The first recorded argument list (from copyargs) matching args, or nil.
+function util.matchargs(argslist, args)
+  for _, v in ipairs(argslist) do
+    if args_match(v.vals, args, v.refs) then return v end
+  end
+  return nil
+end
+
+--- The first on_call_with entry matching a call's args, or nil.
+function util.matchoncalls(oncalls, args)
+  for _, v in ipairs(oncalls) do
+    if args_match(v.vals, args, v.refs) then return v end
+  end
+  return nil
+end
+
+function util.make_arglist(...)
+  return { n = select("#", ...), ... }
+end
+
+function util.pack(...)
+  return { n = select("#", ...), ... }
+end
+
+function util.unpack(t, i, j)
+  return unpack(t, i or 1, j or t.n or #t)
+end
+
+--- table.insert that keeps trailing nils, using field n as the length.
+function util.tinsert(t, ...)
+  local pos, val
+  if select("#", ...) < 2 then val = ... else pos, val = ... end
+  local n = (t.n or #t) + 1
+  t.n = n
+  if pos == nil then
+    t[n] = val
+    return
+  end
+  if pos > n then
+    t[pos] = val
+    t.n = pos
+    return
+  end
+  for i = n, pos + 1, -1 do t[i] = t[i - 1] end
+  t[pos] = val
+end
+
+--- table.remove that keeps trailing nils, using field n as the length.
+function util.tremove(t, pos)
+  local n = t.n or #t
+  t.n = n
+  if pos == nil then pos = n end
+  if pos > n then
+    local removed = t[pos]
+    t[pos] = nil
+    return removed
+  end
+  local removed = t[pos]
+  for i = pos, n do t[i] = t[i + 1] end
+  t[n] = nil
+  t.n = n - 1
+  return removed
+end
+
+--- Splits the tokens of a chained name (assert.is_not.equal) into known
+--- keys, preferring the longest key that ends at each position.
+function util.extract_keys(nspace, tokens)
+  local namespace = require "luassert.namespaces"
+  local names, modifiers = namespace[nspace] or {}, namespace.modifier
+  local keys = {}
+  local i = #tokens
+  while i >= 1 do
+    local found
+    for j = 1, i do
+      local key = table.concat(tokens, "_", j, i)
+      if names[key] or modifiers[key] then
+        found = j
+        table.insert(keys, 1, key)
+        break
+      end
+    end
+    if not found then
+      local key = table.concat(tokens, "_", 1, i)
+      error("luassert: unknown modifier/" .. nspace .. ": '" .. key .. "'", 3)
+    end
+    i = found - 1
+  end
+  return keys
+end
+
+return util
