@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from .config import HubConfig
 from .supervisor import Supervisor, run_hub
@@ -11,9 +14,62 @@ from .supervisor import Supervisor, run_hub
 log = logging.getLogger("hubhost")
 
 
+def device_systems(config: HubConfig) -> dict[str, dict[str, str]]:
+    """system id -> {"<Module>/<index>": device id}, from the config."""
+    systems: dict[str, dict[str, str]] = {}
+    for d in config.drivers:
+        for dev in d.devices:
+            if dev.system and dev.module:
+                systems.setdefault(dev.system, {})[f"{dev.module}/{dev.index or 1}"] = dev.id
+    return systems
+
+
+def interface_json(sup: Supervisor, device_id: str) -> str:
+    """The `interface/<device_id>` metadata of the device's driver (DESIGN section 5)."""
+    md: dict[str, Any] | None = None
+    for slot in sup.slots.values():
+        if any(d.id == device_id for d in slot.cfg.devices) and slot.rt is not None:
+            try:
+                md = slot.rt.metadata()
+            except Exception:  # noqa: BLE001 - metadata of a broken driver: publish the skeleton
+                md = None
+    base = {"functions": {}, "implements": [], "requirements": {}, "security": {}}
+    if md:
+        base.update({k: v for k, v in md.items() if k in base})
+    return orjson.dumps(base).decode()
+
+
+def install_mirror(sup: Supervisor) -> None:
+    """Mirror status, system indexes and interfaces to Redis when [redis] is configured."""
+    rc = sup.config.redis
+    if rc is None:
+        return
+    from .mirror import RedisMirror
+
+    mirror = RedisMirror(sup.status, rc.url, rc.prefix, socket_timeout=rc.socket_timeout,
+                         connect_timeout=rc.connect_timeout)
+    sup.mirror = mirror
+    devices = [dev.id for d in sup.config.drivers for dev in d.devices]
+    mirror.set_devices(devices)
+    for system_id, mapping in device_systems(sup.config).items():
+        mirror.set_system_index(system_id, mapping)
+
+    def publish_interfaces(s: Supervisor) -> None:
+        for dev_id in devices:
+            mirror.set_interface(dev_id, interface_json(s, dev_id))
+
+    async def stop(s: Supervisor) -> None:
+        await mirror.stop()
+
+    sup.pre_start_hooks.append(mirror.start)
+    sup.ready_hooks.append(publish_interfaces)
+    sup.shutdown_hooks.append(stop)
+
+
 def install_parts(sup: Supervisor) -> None:
     """Plug the optional parts (datastore, status, mirror, transports, API) into `sup`."""
-    for mod_name in ("hubhost.datastore", "hubhost.status_glue", "hubhost.transport_glue",
+    install_mirror(sup)
+    for mod_name in ("hubhost.datastore", "hubhost.transport_glue",
                      "hubhost.sdnotify_glue", "hubhost.api"):
         try:
             mod = __import__(mod_name, fromlist=["install"])

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import statusvalue
 from .sandbox import LuaError, Sandbox, from_lua, to_lua
+from .status import StatusStore
 
 log = logging.getLogger("hubhost.driver")
 
@@ -69,6 +71,7 @@ class DriverRuntime:
         cpu_limit: float = 1.0,
         state_dir: Path | None = None,
         logger: logging.Logger | None = None,
+        status: StatusStore | None = None,
     ) -> None:
         self.driver_id = driver_id
         self.driver_dir = Path(driver_dir).resolve()
@@ -78,6 +81,7 @@ class DriverRuntime:
         self.state_dir = state_dir
         self.log = logger or log
         self.failures: list[tuple[str, str, str]] = []  # (label, kind, message), recent
+        self.status = status if status is not None else StatusStore()
         self.sandbox = Sandbox(self.driver_dir, max_memory=max_memory, on_print=self._print)
         self.sandbox.expose(
             log=self._lua_log,
@@ -86,6 +90,7 @@ class DriverRuntime:
             timer_cancel=lambda i: port.timer_cancel(self, i),
             wait_timer=lambda t, s: port.wait_timer(self, t, s),
             wait_host=lambda t, w, a: port.wait_host(self, t, w.decode(), a),
+            status_set=self._status_set,
         )
         self.R = self.sandbox.run_private("runtime.lua", self.sandbox.sb, self.sandbox.host)
         self.R.set_cpu_limit(cpu_limit)
@@ -102,6 +107,21 @@ class DriverRuntime:
     def _lua_log(self, level: bytes, device_id: Any, msg: bytes) -> None:
         self.log.log(LEVELS.get(level, logging.INFO), "%s %s", self._prefix(device_id or None),
                      msg.decode("utf-8", "replace"))
+
+    def _status_set(self, device_id: bytes, name: bytes, value: Any) -> tuple[Any, Any]:
+        """device.status.<name> = value: check, encode, store (and so mirror)."""
+        try:
+            text = statusvalue.encode(value, self._tostring)
+        except statusvalue.StatusValueError as e:
+            return None, str(e).encode()
+        try:
+            changed = self.status.set(device_id.decode(), name.decode(), text)
+        except UnicodeDecodeError:
+            return None, b"status names must be valid UTF-8"
+        return changed, None
+
+    def _tostring(self, v: Any) -> bytes:
+        return self.lua.globals().tostring(v)
 
     def _print(self, text: str) -> None:
         self.log.info("%s %s", self._prefix(), text)

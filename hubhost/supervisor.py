@@ -22,6 +22,7 @@ from . import atomicfile, paths
 from .actor import Actor
 from .config import DriverConfig, HubConfig
 from .runtime import DeviceInfo, DriverLoadError, DriverRuntime
+from .status import StatusStore
 
 log = logging.getLogger("hubhost.supervisor")
 
@@ -162,7 +163,8 @@ class DriverSlot:
         """On the driver's thread: build the runtime, load the entry chunk, start devices."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         rt = DriverRuntime(self.id, self.cfg.path, self, max_memory=self.cfg.max_memory,
-                           cpu_limit=self.cfg.cpu_limit, state_dir=self.state_dir)
+                           cpu_limit=self.cfg.cpu_limit, state_dir=self.state_dir,
+                           status=self.sup.status)
         self.rt = rt
         for hook in self.sup.runtime_hooks:
             hook(self, rt)
@@ -258,6 +260,8 @@ class Supervisor:
         self.config = config
         self.state_dir = Path(state_dir)
         self.slots = {d.id: DriverSlot(self, d) for d in config.drivers}
+        self.status = StatusStore()   # device status: the hub's source of truth
+        self.mirror: Any = None       # the RedisMirror when [redis] is configured
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.stopping = False
         self._stop_event: asyncio.Event | None = None
@@ -269,6 +273,7 @@ class Supervisor:
         self.stop_hooks: list[Callable[[DriverSlot, DriverRuntime, Actor], Any]] = []
         self.fault_hooks: list[Callable[[DriverSlot, DriverRuntime], None]] = []
         self.ready_hooks: list[Callable[["Supervisor"], None]] = []
+        self.pre_start_hooks: list[Callable[[], Any]] = []
         self.shutdown_hooks: list[Callable[["Supervisor"], Any]] = []
 
     def spawn(self, coro: Any) -> asyncio.Task:
@@ -312,6 +317,10 @@ class Supervisor:
         self.loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        for hook in self.pre_start_hooks:
+            r = hook()
+            if asyncio.iscoroutine(r):
+                await r
         results = await asyncio.gather(*(s.start() for s in self.slots.values()))
         log.info("hub %s started: %d of %d drivers running", self.config.hub_id, sum(results), len(results))
         for h in self.ready_hooks:

@@ -87,9 +87,45 @@ function device_lazy.persistent_store(self)
   return caps.device_store(self.id)
 end
 
+-- device.status: assigning sets and publishes (only a change in JSON text counts),
+-- reading reads the hub's memory, assigning nil deletes.
+local status_set = caps.host.status_set
+
+-- a plain deep copy (honouring datastore nodes' __pairs), refusing cycles
+local function plain(v, seen)
+  if type(v) ~= "table" then return v end
+  if seen[v] then
+    error("Status values must be JSON encodable: " .. tostring(v) .. " contains a cycle", 0)
+  end
+  seen[v] = true
+  local c = {}
+  for k, x in pairs(v) do c[k] = plain(x, seen) end
+  seen[v] = nil
+  return c
+end
+
 function device_lazy.status(self)
-  if caps.status_proxy then return caps.status_proxy(self.id) end
-  return nil
+  local id = self.id
+  local values = {}
+  return setmetatable({}, {
+    __index = function(_, k) return values[k] end,
+    __newindex = function(_, k, v)
+      if type(k) ~= "string" then
+        error("device.status: status names are strings, got " .. type(k), 2)
+      end
+      local stored = v
+      if type(v) == "table" then
+        local ok, c = pcall(plain, v, {})
+        if not ok then error(c, 2) end
+        stored = c
+      end
+      local changed, err = status_set(id, k, stored)
+      if err then error(err, 2) end
+      values[k] = stored
+    end,
+    __pairs = function() return next, values, nil end,
+    __metatable = "device.status",
+  })
 end
 
 function Device:send(bytes)
