@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,54 @@ def install_mirror(sup: Supervisor) -> None:
     sup.shutdown_hooks.append(stop)
 
 
+def status_line(sup: Supervisor) -> str:
+    """The STATUS= text systemd shows (docs/operations.md explains each part)."""
+    c = sup.counts()
+    if sup.mirror is None:
+        redis = "off"
+    else:
+        redis = "mirrored" if sup.mirror.state().get("connected") else "disconnected"
+    return (f"{c['running']} drivers running, {c['failed']} failed, {c['restarting']} restarting; "
+            f"redis: {redis}")
+
+
+def install_systemd(sup: Supervisor) -> None:
+    """sd_notify: READY=1 once every driver has started (or failed), STATUS= lines,
+    WATCHDOG=1 from the event loop, RELOADING=1/READY=1 around reloads, STOPPING=1."""
+    from . import sdnotify
+
+    notifier = sdnotify.Notifier.from_env(unset=True)
+    sup.notifier = notifier
+    if not notifier.enabled:
+        return
+    last = {"status": ""}
+
+    async def keep_status() -> None:
+        while not sup.stopping:
+            await asyncio.sleep(1.0)
+            line = status_line(sup)
+            if line != last["status"]:
+                last["status"] = line
+                notifier.status(line)
+
+    def ready(s: Supervisor) -> None:
+        last["status"] = status_line(s)
+        notifier.ready(last["status"])
+        s.spawn(keep_status())
+        if notifier.watchdog_interval():
+            s.spawn(sdnotify.watchdog_loop(notifier))
+
+    sup.ready_hooks.append(ready)
+    sup.stopping_hooks.append(lambda s: notifier.stopping("stopping: running shutdown handlers and flushing"))
+    sup.reload_hooks.append((lambda s: notifier.reloading("reloading config"),
+                             lambda s: notifier.ready(status_line(s))))
+
+
 def install_parts(sup: Supervisor) -> None:
     """Plug the optional parts (datastore, status, mirror, transports, API) into `sup`."""
     install_mirror(sup)
-    for mod_name in ("hubhost.datastore", "hubhost.transport_glue",
-                     "hubhost.sdnotify_glue", "hubhost.api"):
+    install_systemd(sup)
+    for mod_name in ("hubhost.datastore", "hubhost.transport_glue", "hubhost.api"):
         try:
             mod = __import__(mod_name, fromlist=["install"])
         except ImportError as e:

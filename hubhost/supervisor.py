@@ -53,7 +53,7 @@ class DriverSlot:
         self.restart_handle: asyncio.TimerHandle | None = None
         self.last_error: str | None = None
         self.state_dir = paths.driver_state_dir(sup.state_dir, cfg.id)
-        self.booting = False
+        self.failed_boot = False      # the last start attempt failed (entry chunk / init)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -146,13 +146,18 @@ class DriverSlot:
         try:
             await self.actor.call(self.loop, self._boot)
         except (DriverLoadError, OSError) as e:
+            self.failed_boot = True
             self.crash(str(e))
             return False
         except Exception as e:  # noqa: BLE001 - any failure of a driver is contained
             log.exception("[%s] failed to start", self.id)
+            self.failed_boot = True
             self.crash(f"{type(e).__name__}: {e}")
             return False
+        if self.state != "starting":
+            self.failed_boot = True   # an init handler failed during boot
         if self.state == "starting":
+            self.failed_boot = False
             self.state = "running"
             log.info("[%s] running (%s, %d device%s)", self.id, self.rt.driver_name() if self.rt else "?",
                      len(self.cfg.devices), "" if len(self.cfg.devices) == 1 else "s")
@@ -274,6 +279,11 @@ class Supervisor:
         self.fault_hooks: list[Callable[[DriverSlot, DriverRuntime], None]] = []
         self.ready_hooks: list[Callable[["Supervisor"], None]] = []
         self.pre_start_hooks: list[Callable[[], Any]] = []
+        self.stopping_hooks: list[Callable[["Supervisor"], Any]] = []
+        # (before, after) pairs run around a config reload (SIGHUP)
+        self.reload_hooks: list[tuple[Callable[["Supervisor"], Any], Callable[["Supervisor"], Any]]] = []
+        self.reloader: Callable[["Supervisor"], Any] | None = None  # set by the reload part
+        self.notifier: Any = None
         self.shutdown_hooks: list[Callable[["Supervisor"], Any]] = []
 
     def spawn(self, coro: Any) -> asyncio.Task:
@@ -309,8 +319,7 @@ class Supervisor:
             if s.state == "running":
                 c["running"] += 1
             elif s.state == "restarting":
-                c["restarting"] += 1
-                c["failed"] += 1 if s.restarts and s.rt is None else 0
+                c["failed" if s.failed_boot else "restarting"] += 1
         return c
 
     async def start(self) -> None:
@@ -354,6 +363,8 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        for h in self.stopping_hooks:
+            h(self)
         deadline = self.loop.time() + SHUTDOWN_HANDLERS_BUDGET
         await asyncio.gather(*(s.stop(deadline) for s in self.slots.values()))
         for h in self.shutdown_hooks:
@@ -367,12 +378,40 @@ class Supervisor:
             t.cancel()
 
 
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config (the reload part does the work) with notifications."""
+        for before, _ in self.reload_hooks:
+            before(self)
+        try:
+            if self.reloader is not None:
+                r = self.reloader(self)
+                if asyncio.iscoroutine(r):
+                    await r
+            else:
+                log.warning("reload requested, but this hub has no config reload support")
+        except Exception:
+            log.exception("config reload failed; keeping the running config")
+        finally:
+            for _, after in self.reload_hooks:
+                after(self)
+
+
+def _debug_stall(sup: Supervisor) -> None:
+    """HUBHOST_DEBUG_STALL=1 only: SIGUSR2 blocks the event loop for 3 s, so tests can show
+    that a stalled loop stops the systemd watchdog pings."""
+    log.warning("debug: stalling the event loop for 3 s (SIGUSR2)")
+    time.sleep(3.0)
+
+
 async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Supervisor], Any] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     sup = Supervisor(config, state_dir)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sup.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: sup.spawn(sup.reload()))
+    if os.environ.get("HUBHOST_DEBUG_STALL") == "1":
+        loop.add_signal_handler(signal.SIGUSR2, _debug_stall, sup)
     if setup is not None:
         r = setup(sup)
         if asyncio.iscoroutine(r):
@@ -384,11 +423,10 @@ async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Superv
         await asyncio.wait_for(sup.stop(), 9.0)
     except asyncio.TimeoutError:
         log.error("shutdown did not finish within 9 s; exiting anyway")
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
 
 
 __all__ = ["Supervisor", "DriverSlot", "run_hub"]
-_ = os
