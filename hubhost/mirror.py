@@ -51,7 +51,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from .status import StatusStore
 
@@ -200,6 +208,8 @@ _SCRIPTS = {"update": _UPDATE_FIELDS, "sync": _SYNC_FIELDS, "index": _SYNC_INDEX
 
 # What a dead, stalled or refusing Redis raises: an outage, not a bug.
 _EXPECTED_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+# Error replies that mean "the cluster cannot take this now" (retry later), not "refused".
+_UNAVAILABLE = (ClusterError, AskError, TryAgainError)
 
 _PIPELINE_ARGS = 20_000  # args per pipeline round trip: bounds buffers and per-read latency
 
@@ -343,6 +353,7 @@ class RedisMirror:
         health_interval: float = 1.0,
         batch_size: int = 2000,
         cluster: bool = False,
+        refused_retry: float = 5.0,
     ) -> None:
         self._status = status
         self._url = url
@@ -395,6 +406,9 @@ class RedisMirror:
         self._session: _Session | None = None
         self._last_send = 0.0
         self._error_seen: set[str] = set()
+        self._refused: dict[tuple[str, str], float] = {}  # writes Redis refused, to redo
+        self._retry_scheduled = False
+        self._refused_retry = refused_retry
 
     # ------------------------------------------------------------------ public API
 
@@ -505,7 +519,8 @@ class RedisMirror:
             times = []
             if self._pending:
                 times.append(next(iter(self._pending.values())))
-            for d in (self._full, self._drops, self._dirty_systems, self._dirty_interfaces):
+            for d in (self._full, self._drops, self._dirty_systems, self._dirty_interfaces,
+                      self._refused):
                 if d:
                     times.append(min(d.values()))
             pending = len(self._pending)
@@ -757,6 +772,8 @@ class RedisMirror:
 
     async def _resync(self, session: _Session) -> None:
         """Make every owned key equal memory, publishing each difference."""
+        with self._plock:
+            self._refused.clear()  # a resync rewrites all of it anyway
         work = self._take()
         try:
             await self._send(session, work, full=True)
@@ -779,24 +796,27 @@ class RedisMirror:
             dead_interfaces = [d for d in work.interfaces if d not in self._interfaces]
             drops = [d for d in work.drops if d in removed]
 
-        commands: list[tuple[Any, ...]] = []
+        # Each command is tagged with what to redo if Redis refuses it.
+        commands: list[tuple[tuple[str, str], tuple[Any, ...]]] = []
         for device_id in drops:
-            commands.append(session.script(
-                "sync", keys.status(device_id), [keys.status_channel_base(device_id)]))
-            commands.append(("DEL", keys.interface(device_id)))
+            commands.append((("drop", device_id), session.script(
+                "sync", keys.status(device_id), [keys.status_channel_base(device_id)])))
+            commands.append((("drop", device_id), ("DEL", keys.interface(device_id))))
         for system_id in dead_systems:
-            commands.append(session.script(
-                "index", keys.system(system_id), [keys.lookup_change(), system_id]))
+            commands.append((("system", system_id), session.script(
+                "index", keys.system(system_id), [keys.lookup_change(), system_id])))
         for system_id, mapping in systems.items():
             args: list[Any] = [keys.lookup_change(), system_id]
             for k, v in mapping.items():
                 args += (k, v)
-            commands.append(session.script("index", keys.system(system_id), args))
+            commands.append((("system", system_id),
+                             session.script("index", keys.system(system_id), args)))
         for device_id in dead_interfaces:
-            commands.append(("DEL", keys.interface(device_id)))
+            commands.append((("interface", device_id), ("DEL", keys.interface(device_id))))
         for device_id, text in interfaces.items():
             if device_id not in removed:
-                commands.append(("SET", keys.interface(device_id), text))
+                commands.append((("interface", device_id),
+                                 ("SET", keys.interface(device_id), text)))
 
         # Devices replaced wholesale: all of them on a resync, else new owners.
         whole = set(work.full)
@@ -807,7 +827,8 @@ class RedisMirror:
             args = [keys.status_channel_base(device_id)]
             for name, value in self._status.device(device_id).items():
                 args += (name, value)
-            commands.append(session.script("sync", keys.status(device_id), args))
+            commands.append((("status", device_id),
+                             session.script("sync", keys.status(device_id), args)))
 
         # Field updates (taken from memory now, so coalesced to the latest value).
         if work.status:
@@ -825,13 +846,16 @@ class RedisMirror:
                 args = [keys.status_channel_base(device_id), len(sets) // 2]
                 args += sets
                 args += dels
-                commands.append(session.script("update", keys.status(device_id), args))
+                commands.append((("status", device_id),
+                                 session.script("update", keys.status(device_id), args)))
 
         await self._execute_chunked(session, commands)
 
-    async def _execute_chunked(self, session: _Session, commands: list[tuple[Any, ...]]) -> None:
+    async def _execute_chunked(
+        self, session: _Session, commands: list[tuple[tuple[str, str], tuple[Any, ...]]]
+    ) -> None:
         start, size = 0, 0
-        for i, cmd in enumerate(commands):
+        for i, (_, cmd) in enumerate(commands):
             size += len(cmd)
             if size >= _PIPELINE_ARGS:
                 await self._execute(session, commands[start:i + 1])
@@ -839,21 +863,56 @@ class RedisMirror:
         if start < len(commands):
             await self._execute(session, commands[start:])
 
-    async def _execute(self, session: _Session, commands: list[tuple[Any, ...]]) -> None:
-        replies = await session.execute(commands)
-        for cmd, reply in zip(commands, replies):
+    async def _execute(
+        self, session: _Session, commands: list[tuple[tuple[str, str], tuple[Any, ...]]]
+    ) -> None:
+        replies = await session.execute([cmd for _, cmd in commands])
+        for (what, cmd), reply in zip(commands, replies):
+            if not isinstance(reply, Exception):
+                continue
             if isinstance(reply, NoScriptError):
-                raise _ResyncNeeded("Redis lost our scripts (SCRIPT FLUSH?)")
-            if isinstance(reply, ResponseError):
-                self._command_failed(cmd, reply)
+                raise _ResyncNeeded("Redis lost our scripts (SCRIPT FLUSH or failover?)")
+            if isinstance(reply, ResponseError) and not isinstance(reply, _UNAVAILABLE):
+                self._command_failed(what, cmd, reply)
+                continue
+            # A cluster pipeline hands back connection errors as values: still an outage.
+            raise reply
 
-    def _command_failed(self, cmd: tuple[Any, ...], exc: ResponseError) -> None:
-        """A command Redis refused (ACL, OOM, read-only...): log once per kind, keep going."""
+    def _command_failed(self, what: tuple[str, str], cmd: tuple[Any, ...],
+                        exc: ResponseError) -> None:
+        """Redis refused a write (OOM, ACL, read-only...): log once per kind, redo it later."""
         key = cmd[3] if cmd[0] == "EVALSHA" else cmd[1]
         text = f"{type(exc).__name__}: {exc}"
         with self._plock:
             self._last_error = f"{key}: {text}"
-        kind = str(exc).split(" ", 1)[0]
+            self._refused.setdefault(what, time.monotonic())
+        kind = type(exc).__name__ + str(exc).split(" ", 1)[0]
         if kind not in self._error_seen:
             self._error_seen.add(kind)
-            self._log.error("Redis mirror: Redis refused the write of %s: %s", key, text)
+            self._log.error(
+                "Redis mirror: Redis refused the write of %s: %s (retrying every %.0f s)",
+                key, text, self._refused_retry,
+            )
+        if not self._retry_scheduled and self._loop is not None:
+            self._retry_scheduled = True
+            self._loop.call_later(self._refused_retry, self._retry_refused)
+
+    def _retry_refused(self) -> None:
+        """Loop callback: queue the refused writes again (whole device / index / string)."""
+        self._retry_scheduled = False
+        with self._plock:
+            refused, self._refused = self._refused, {}
+            for (kind, ident), since in refused.items():
+                if kind == "drop":
+                    if ident in self._removed:
+                        self._drops.setdefault(ident, since)
+                elif kind == "status":
+                    if ident not in self._removed:
+                        self._full.setdefault(ident, since)
+                elif kind == "system":
+                    self._dirty_systems.setdefault(ident, since)
+                else:
+                    self._dirty_interfaces.setdefault(ident, since)
+            wake = self._wake_locked()
+        if wake and self._wake is not None:
+            self._wake.set()

@@ -148,13 +148,16 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
 
     binary = _redis_binary()
     nodes: list[RedisServer] = []
+    bus_ports: list[int] = []
     try:
         for i in range(3):
             workdir = tmp_path / f"cluster{i}"
             workdir.mkdir()
+            # The bus defaults to port + 10000, which may be taken or above 65535.
+            bus_ports.append(_free_port())
             node = RedisServer(binary, workdir, extra_args=(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000"))
+                "--cluster-port", str(bus_ports[-1]), "--cluster-node-timeout", "2000"))
             node.start()
             nodes.append(node)
         clients = [redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=5) for n in nodes]
@@ -162,8 +165,8 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
         for i, c in enumerate(clients):
             last = 16383 if i == 2 else (i + 1) * step - 1
             c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
-        for n in nodes[1:]:
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port)
+        for n, bus in zip(nodes[1:], bus_ports[1:]):
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, bus)
         deadline = time.monotonic() + 20
         while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
                       for c in clients):

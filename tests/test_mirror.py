@@ -372,6 +372,30 @@ def test_script_flush_is_survived(redis_server, loop_thread, make_mirror) -> Non
     assert wait_until(lambda: r.hget("status/d", "a") == b"1", 5)
 
 
+def test_refused_writes_are_logged_once_and_do_not_stop_mirroring(
+        redis_server, loop_thread, make_mirror, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=MIRROR_LOG)
+    store = StatusStore()
+    mirror = make_mirror(store, redis_server.url, refused_retry=0.3)
+    synced(loop_thread, mirror)
+    r = redis_server.client()
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)  # every write is refused with OOM
+    for i in range(5):
+        store.set("d", f"f{i}", "1")
+        synced(loop_thread, mirror)
+    state = mirror.state()
+    assert state["connected"] and "OutOfMemoryError" in (state["last_error"] or "")
+    assert state["lag_seconds"] > 0  # refused writes are still owed
+    time.sleep(0.7)  # a few retries, refused again: still one log line
+    errors = [x for x in caplog.records if x.name == MIRROR_LOG and x.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "status/d" in errors[0].message
+    r.config_set("maxmemory", 0)
+    # The refused writes are redone without any new change or reconnection.
+    assert wait_until(lambda: redis_equals_memory(r, store, mirror.keys), 5)
+    assert r.hlen("status/d") == 5
+
+
 # ---------------------------------------------------------------- outages
 
 
