@@ -24,8 +24,10 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
+import serial
 import serial_asyncio_fast
 
 DataCallback = Callable[[bytes], None]
@@ -193,14 +195,20 @@ class Transport:
         task, self._task = self._task, None
         aio = self._aio
         if aio is not None and not aio.is_closing():
-            aio.close()
-        if self.connected and self._lost_event is not None:
-            try:
-                await asyncio.wait_for(self._lost_event.wait(), 5.0)
-            except asyncio.TimeoutError:
-                self.log.warning("%s: close did not finish within 5 s", self.describe)
-                if self._proto is not None:
-                    self._lost(self._proto, None)
+            self._close_aio(aio)
+        lost = self._lost_event
+        if self.connected and lost is not None:
+            # A peer that does not read can hold a graceful close forever: abort after 1 s.
+            for step in ("abort", "give up"):
+                try:
+                    await asyncio.wait_for(lost.wait(), 1.0)
+                    break
+                except asyncio.TimeoutError:
+                    if step == "abort" and aio is not None:
+                        aio.abort()  # type: ignore[attr-defined]
+                    elif self._proto is not None:
+                        self.log.warning("%s: close did not finish; dropping it", self.describe)
+                        self._lost(self._proto, None)
         if task is not None:
             task.cancel()
             try:
@@ -216,6 +224,9 @@ class Transport:
 
     def _write(self, aio: asyncio.BaseTransport, data: bytes) -> None:
         aio.write(data)  # type: ignore[attr-defined]
+
+    def _close_aio(self, aio: asyncio.BaseTransport) -> None:
+        aio.close()  # graceful: pending bytes are written first
 
     async def _pause(self, delay: float) -> None:
         """Wait before the next connect attempt; kinds may cut it short."""
@@ -371,6 +382,26 @@ class UdpTransport(Transport):
         aio.sendto(data)  # type: ignore[attr-defined]
 
 
+class _NonBlockingSerial(serial.Serial):  # type: ignore[misc, valid-type]
+    """pyserial's port with a write that really does not block.
+
+    With ``write_timeout = 0`` (which the asyncio layer sets) pyserial 3.5 swallows EAGAIN
+    and retries in a busy loop, so a device that stops reading (flow control, a full pty)
+    would freeze the whole event loop. Raising BlockingIOError lets the asyncio transport
+    buffer the rest and wait for the port to become writable.
+    """
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self.is_open:
+            raise serial.PortNotOpenError()
+        try:
+            return os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError as exc:
+            raise serial.SerialException(f"write failed: {exc}") from exc
+
+
 class SerialTransport(Transport):
     """A serial line through pyserial; a vanished port is polled for and reopened.
 
@@ -414,12 +445,23 @@ class SerialTransport(Transport):
         return f"serial {self.port}"
 
     async def _connect(self, proto: _Protocol) -> None:
-        if "://" not in self.port and not os.path.exists(self.port):
-            raise TransportError(f"port {self.port} does not exist")  # unplugged: poll
         loop = asyncio.get_running_loop()
-        await serial_asyncio_fast.create_serial_connection(
-            loop, lambda: proto, self.port, **self.serial_settings
+        if "://" in self.port:  # pyserial URL handlers (socket://, rfc2217://)
+            await serial_asyncio_fast.create_serial_connection(
+                loop, lambda: proto, self.port, **self.serial_settings
+            )
+            return
+        if not os.path.exists(self.port):
+            raise TransportError(f"port {self.port} does not exist")  # unplugged: poll
+        port = await loop.run_in_executor(
+            None, partial(_NonBlockingSerial, self.port, **self.serial_settings)
         )
+        await serial_asyncio_fast.connection_for_serial(loop, lambda: proto, port)
+
+    def _close_aio(self, aio: asyncio.BaseTransport) -> None:
+        # The graceful close runs tcdrain, which blocks for good (in an executor thread)
+        # when the line is stalled by flow control or a peer that does not read.
+        aio.abort()  # type: ignore[attr-defined]
 
     async def _pause(self, delay: float) -> None:
         """Back off, but reopen at once when a missing port reappears (USB replugged)."""

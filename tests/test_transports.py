@@ -15,6 +15,7 @@ from hubhost.simulators import DisplaySimulator, ProjectorSimulator
 from hubhost.transports import (
     Backoff,
     NotConnectedError,
+    SendBufferFull,
     SerialTransport,
     TcpTransport,
     Transport,
@@ -475,6 +476,49 @@ def test_backoff_grows_caps_and_jitters():
     assert len({round(b.delay(20), 6) for _ in range(20)}) > 1  # jittered
     with pytest.raises(ValueError, match="jitter"):
         Backoff(jitter=1.5)
+
+
+def test_send_to_a_device_that_does_not_read_is_bounded():
+    async def main():
+        dev = PtyDevice()
+        await dev.start()
+        t = SerialTransport(dev.path, max_write_buffer=32768, backoff=FAST)
+        try:
+            await t.open()
+            sent = 0
+            with pytest.raises(SendBufferFull, match="is the device reading"):
+                for _ in range(10000):  # 10 MB if nothing stopped it
+                    t.send(b"\x55" * 1024)
+                    sent += 1024
+            assert t._aio.get_write_buffer_size() <= 32768
+            assert sent < 2_000_000  # write buffer limit plus what the kernel holds
+            assert t.connected
+        finally:
+            await t.close()
+            await dev.stop()
+
+    run(main())
+
+
+def test_close_with_a_peer_that_does_not_read_finishes():
+    async def main():
+        dev = TcpDevice()
+        await dev.start()
+        rec = Recorder()
+        t = TcpTransport("127.0.0.1", dev.port, max_write_buffer=1 << 16, backoff=FAST,
+                         **rec.callbacks)
+        await t.open()
+        with pytest.raises(SendBufferFull):
+            for _ in range(100000):
+                t.send(b"\xaa" * 4096)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await t.close()
+        assert loop.time() - started < 4.0
+        assert rec.events == ["connected", ("disconnected", "closed")]
+        await dev.stop()
+
+    run(main())
 
 
 def test_send_rejects_text():
