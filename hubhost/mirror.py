@@ -26,11 +26,14 @@ Why it is built this way:
   Redis; before resyncing we `CLIENT KILL` it (by id AND address, so a restarted
   server's reused id can never hit someone else), so stale writes cannot land after
   the resync.
-* Redis Cluster: every command touches exactly one key (scripts declare it in
-  KEYS[1]; PUBLISH takes no key), so no command ever spans slots and no hash tags or
-  temp keys are needed. The atomic index rewrite is a script on `system/<id>` itself.
-  The transport below is a single-node connection; a cluster transport only has to
-  route each command by its one key.
+* Redis Cluster (`cluster=True`): every command touches exactly one key (scripts
+  declare it in KEYS[1]; their PUBLISHes take no key and reach every node), so no
+  command ever spans slots and no hash tags or temp keys are needed: the public key
+  names stay exactly `status/<id>` etc. The atomic index rewrite is a script on
+  `system/<id>` itself, not a temp key + RENAME. redis-py's RedisCluster routes each
+  command by its key. The CLIENT KILL safety net is single-node only.
+* Writes Redis refuses (OOM, ACL, read-only replica) are logged once per kind and
+  redone as whole-key rewrites every `refused_retry` seconds until accepted.
 
 All key and channel names come from `Keys`, the one place that applies the prefix.
 """
@@ -420,6 +423,8 @@ class RedisMirror:
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
         self._stopping = False
+        with self._plock:
+            self._idle = False  # the writer is not waiting yet: no wake-ups needed
         self._unsubscribe = self._status.add_listener(self._on_change)
         self._task = asyncio.create_task(self._run(), name="hubhost-redis-mirror")
 
