@@ -177,6 +177,20 @@ function Runner:user_traceback()
   return table.concat(lines, "\n")
 end
 
+-- Lua shortens long chunk names in error positions ("...me/x_spec.lua:3:");
+-- give the message the full name of the frame it came from.
+function Runner:untruncate(msg)
+  local src, rest = msg:match("^(%.%.%.[^\n]-):(%d+: .*)$")
+  local getinfo = self.getinfo
+  if not src or not getinfo then return msg end
+  for level = 2, 250 do
+    local info = getinfo(level)
+    if not info then break end
+    if info.short_src == src then return util.srcname(info) .. ":" .. rest end
+  end
+  return msg
+end
+
 ---------------------------------------------------------------------------------------------
 -- Environments (busted's context): reads walk the running element's chain,
 -- writes land in the running element's env, redirected by envmode.
@@ -264,6 +278,7 @@ function Runner:safe(el, fn)
       else
         msg = astate.format_argument(raw) or tostring(raw)
       end
+      msg = self:untruncate(msg)
       if info and not msg:match("^[^\n]-:%d+: ") then
         msg = util.srcname(info) .. ":" .. tostring(info.currentline) .. ": " .. msg
       end

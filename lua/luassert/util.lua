@@ -278,7 +278,7 @@ function util.extract_keys(nspace, tokens)
     end
     if not found then
       local key = table.concat(tokens, "_", 1, i)
-      error("luassert: unknown modifier/" .. nspace .. ": '" .. key .. "'", 3)
+      util.error("luassert: unknown modifier/" .. nspace .. ": '" .. key .. "'")
     end
     i = found - 1
   end
