@@ -94,6 +94,8 @@ class DriverRuntime:
         )
         self.R = self.sandbox.run_private("runtime.lua", self.sandbox.sb, self.sandbox.host)
         self.R.set_cpu_limit(cpu_limit)
+        self._memory_fault = False
+        self._gc = self.sandbox.lua.eval(b"function() collectgarbage() end")
         self.lua = self.sandbox.lua
         self.extensions: list[Any] = []  # hooks added by other parts (datastore, status, ...)
 
@@ -133,8 +135,9 @@ class DriverRuntime:
             kind = "cpu"
             self.log.error("%s handler %s aborted: %s (limit %g s of CPU per event)",
                            self._prefix(), label_s, msg, self.cpu_limit)
-        elif "not enough memory" in msg:
+        elif "not enough memory" in msg or not msg:
             kind = "memory"
+            self._memory_fault = True
             self.log.error("%s handler %s aborted: memory limit of %d MiB reached",
                            self._prefix(), label_s, self.max_memory // (1024 * 1024))
         else:
@@ -149,11 +152,17 @@ class DriverRuntime:
     def _guard(self, label: str, fn: Any, *args: Any) -> Any:
         """Call into the Lua glue; a Lua error escaping the glue (e.g. out of memory while
         formatting a traceback) counts as a failed handler, never as a host crash."""
+        self._memory_fault = False
         try:
             return fn(*args)
         except LuaError as e:
             self._handler_failed(label.encode(), str(e).encode(), b"")
             return None
+        finally:
+            if self._memory_fault:
+                # LuaJIT does not collect on a failed allocation: free the aborted
+                # handler's garbage now, or the driver's next events would fail too
+                self._collect()
 
     # -- life cycle ----------------------------------------------------------------------
     def load(self) -> None:
@@ -193,6 +202,13 @@ class DriverRuntime:
     def call(self, label: str, fn: Any, *args: Any) -> None:
         """Run a Lua function as a handler coroutine (events, function calls)."""
         self._guard(label, self.R.call, label.encode(), fn, *args)
+
+    def _collect(self) -> None:
+        self._memory_fault = False
+        try:
+            self._gc()
+        except LuaError:
+            pass
 
     def dispatch_batch(self, label: bytes, fn: Any, items: Any) -> None:
         """Run fn(driver, item) as one handler per item, in order (a burst of events)."""

@@ -128,6 +128,10 @@ def _rss_kib() -> int:
 
 
 def test_memory_bomb_is_stopped_at_the_limit(tmp_path: Path) -> None:
+    """Two bombs. The issue's verbatim one appends the *same* 1 MB string (LuaJIT interns
+    strings, so each entry costs 8 bytes and the driver mostly burns CPU): it is stopped by
+    whichever limit it reaches first. The second appends distinct 1 MB strings and must be
+    stopped by the memory limit itself. The host's RSS stays bounded throughout."""
     cfg = _two_drivers(tmp_path, """
         local driver_helper = require "driver_helper"
         local log = require "log"
@@ -136,19 +140,27 @@ def test_memory_bomb_is_stopped_at_the_limit(tmp_path: Path) -> None:
           log.info("bomb start")
           local t = {} while true do t[#t+1] = ("x"):rep(1e6) end
         end, "bomb")
-        d:call_with_delay(1.0, function() log.info("after bomb") end, "after")
+        d:call_with_delay(0.3, function()
+          log.info("unique bomb start")
+          local t = {} while true do t[#t+1] = ("x"):rep(1e6) .. #t end
+        end, "unique-bomb")
+        d:call_with_delay(0.4, function() log.info("after bomb") end, "after")
         return d
     """, max_memory="32MiB")
 
     async def main() -> None:
         rss0 = _rss_kib()
         async with running_hub(cfg, tmp_path / "state") as (sup, cap):
-            await cap.wait_for("memory limit", timeout=5)
+            await cap.wait_for("after bomb", timeout=8)
             peak = _rss_kib()
-            assert "[spinner]" in cap.lines("memory limit")[0]
-            await cap.wait_for("after bomb", timeout=3)
+            aborted = cap.lines("aborted")
+            assert any("timer bomb aborted" in x for x in aborted), aborted
+            assert any("timer unique-bomb aborted: memory limit of 32 MiB reached" in x for x in aborted), aborted
+            assert all("[spinner]" in x for x in aborted)
             # the host's own RSS stayed bounded: the limit plus interpreter overhead
             assert peak - rss0 < 32 * 1024 + 48 * 1024, (rss0, peak)
             assert sup.slots["spinner"].state == "running"
+            # and the driver's memory is back to small after the bombs
+            assert sup.slots["spinner"].rt.memory_used() < 16 * 1024 * 1024
 
     run(main())
