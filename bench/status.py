@@ -52,9 +52,45 @@ def python_producer(store: StatusStore, devices: int, fields: int, changes: int)
         set_(ids[(i // fields) % devices], names[i % fields], str(i))
 
 
+LUA_PRODUCER = b"""
+local driver_helper = require "driver_helper"
+local d = driver_helper.init { name = "bench-producer" }
+d.produce = function(driver, devices, fields, changes)
+  local devs = {}
+  for k = 0, devices - 1 do devs[k] = driver:get_device("d" .. k) end
+  local names = {}
+  for j = 0, fields - 1 do names[j] = "f" .. j end
+  for i = 0, changes - 1 do
+    devs[math.floor(i / fields) % devices].status[names[i % fields]] = i
+  end
+end
+return d
+"""
+
+
+def lua_producer(store: StatusStore, devices: int, fields: int, changes: int) -> None:
+    """The real path: a Lua driver assigning device.status.<name> = i in its own runtime
+    (check, JSON encoding, StatusStore.set), timed including the devices' start."""
+    import tempfile
+
+    from hubhost.check import _NullPort
+    from hubhost.runtime import DeviceInfo, DriverRuntime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "init.lua").write_bytes(LUA_PRODUCER)
+        rt = DriverRuntime("bench", Path(tmp), _NullPort(), status=store, cpu_limit=600.0)
+        rt.load()
+        for k in range(devices):
+            rt.start_device(DeviceInfo(id=f"d{k}"), False)
+        d = rt.R.driver()
+        rt.call("produce", d.produce, d, devices, fields, changes)
+        if rt.failures:
+            raise RuntimeError(rt.failures)
+
+
 def load_producer(spec: str | None) -> Producer:
     if not spec:
-        return python_producer
+        return lua_producer
     module, _, func = spec.partition(":")
     return getattr(importlib.import_module(module), func or "producer")
 
