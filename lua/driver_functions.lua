@@ -1,0 +1,602 @@
+--- driver_functions: the driver side of functions, metadata, JSON and driver-to-driver calls.
+--
+-- Loaded by driver_helper; it plugs into the library caps:
+--   * caps.validate_template: a template's `functions`, `security`, `implements` and
+--     `requirements` are checked when the driver is built, so a bad one fails at load with
+--     the function and parameter named;
+--   * caps.metadata: the interface table (DESIGN section 5) for `hubhost check`;
+--   * caps.on_driver_built: gives each driver `driver:system(id)`.
+-- The host (hubhost/functions.py) reaches this module as caps.functions_api: it asks for
+-- the interface as JSON text and runs function calls and subscription deliveries through
+-- `invoke` and `deliver` as handler coroutines.
+local caps = select(2, ...)
+
+local type, pairs, ipairs, tostring, tonumber, error, select, setmetatable, pcall, xpcall, next =
+  type, pairs, ipairs, tostring, tonumber, error, select, setmetatable, pcall, xpcall, next
+local floor, huge = math.floor, math.huge
+local str_format, str_find, str_gsub, str_match, str_byte =
+  string.format, string.find, string.gsub, string.match, string.byte
+local tconcat, tsort = table.concat, table.sort
+
+local M = {}
+
+---------------------------------------------------------------------------------------------
+-- JSON encoding. Empty tables encode as {} (like lua-cjson); a table is an array when its
+-- keys are exactly 1..n, an object when every key is a string; anything else is refused
+-- with the path of the offending value. Strings go out byte for byte (the host checks that
+-- they are UTF-8).
+
+local ESCAPES = { ['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
+                  ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
+for i = 0, 31 do
+  local c = string.char(i)
+  if not ESCAPES[c] then ESCAPES[c] = str_format("\\u%04x", i) end
+end
+ESCAPES["\127"] = "\\u007f"
+
+local function quote(s)
+  if str_find(s, '[%c"\\]') then s = str_gsub(s, '[%c"\\]', ESCAPES) end
+  return '"' .. s .. '"'
+end
+M.quote = quote
+
+local function number_text(v)
+  if v ~= v or v == huge or v == -huge then return nil end
+  if v == floor(v) and v > -1e15 and v < 1e15 then return str_format("%d", v) end
+  local s = str_format("%.14g", v)
+  if tonumber(s) ~= v then s = str_format("%.17g", v) end
+  return s
+end
+
+-- Where the encoder is: keys from the root to the value being encoded. Built into a path
+-- only when a value is refused, so encoding pays nothing for it.
+local where, root_name = {}, "value"
+
+local function path_text(depth)
+  local parts = { root_name }
+  for i = 1, depth do
+    local k = where[i]
+    parts[#parts + 1] = type(k) == "number" and ("[" .. k .. "]") or ("." .. tostring(k))
+  end
+  return tconcat(parts)
+end
+
+local function fail_at(depth, what)
+  error(str_format("%s: %s", path_text(depth), what), 0)
+end
+
+-- "array", "object" or "empty" for a table whose keys are usable; raises otherwise.
+local function table_kind(t, depth)
+  local n, max, strings, others = 0, 0, 0, nil
+  for k in pairs(t) do
+    n = n + 1
+    local tk = type(k)
+    if tk == "string" then
+      strings = strings + 1
+    elseif tk == "number" and k >= 1 and k == floor(k) and k < huge then
+      if k > max then max = k end
+    else
+      others = k
+    end
+  end
+  if n == 0 then return "empty", 0 end
+  if others ~= nil then
+    fail_at(depth, str_format("key %s of type %s cannot be encoded (keys are strings or 1..n)",
+      tostring(others), type(others)))
+  end
+  if strings == n then return "object", n end
+  if strings > 0 then fail_at(depth, "table mixes array and object keys") end
+  if max ~= n then fail_at(depth, str_format("sparse array (%d entries, highest index %d)", n, max)) end
+  return "array", n
+end
+
+local encode_into
+
+local function encode_table(t, buf, n, depth)
+  if depth >= 64 then fail_at(depth, "nested deeper than 64 levels (a cycle?)") end
+  local kind, count = table_kind(t, depth)
+  if kind == "empty" then n = n + 1; buf[n] = "{}"; return n end
+  local d1 = depth + 1
+  if kind == "array" then
+    n = n + 1; buf[n] = "["
+    for i = 1, count do
+      if i > 1 then n = n + 1; buf[n] = "," end
+      where[d1] = i
+      n = encode_into(t[i], buf, n, d1)
+    end
+    n = n + 1; buf[n] = "]"
+    return n
+  end
+  n = n + 1; buf[n] = "{"
+  local first = true
+  for k, v in pairs(t) do
+    if not first then n = n + 1; buf[n] = "," end
+    first = false
+    n = n + 1; buf[n] = quote(k)
+    n = n + 1; buf[n] = ":"
+    where[d1] = k
+    n = encode_into(v, buf, n, d1)
+  end
+  n = n + 1; buf[n] = "}"
+  return n
+end
+
+function encode_into(v, buf, n, depth)
+  local tv = type(v)
+  if tv == "string" then
+    n = n + 1; buf[n] = quote(v)
+  elseif tv == "number" then
+    local s = number_text(v)
+    if not s then fail_at(depth, tostring(v) .. " is not a finite number") end
+    n = n + 1; buf[n] = s
+  elseif tv == "boolean" then
+    n = n + 1; buf[n] = v and "true" or "false"
+  elseif v == nil then
+    n = n + 1; buf[n] = "null"
+  elseif tv == "table" then
+    n = encode_table(v, buf, n, depth)
+  else
+    fail_at(depth, tostring(v) .. " is of unsupported type " .. tv)
+  end
+  return n
+end
+
+--- JSON text of a Lua value; raises "<path>: <problem>" (path starts with `name`, default
+-- "value") for values JSON cannot carry.
+function M.encode(v, name)
+  local tv = type(v)
+  if tv == "string" then return quote(v) end
+  if tv == "boolean" then return v and "true" or "false" end
+  root_name = name or "value"
+  if v == nil then return "null" end
+  if tv == "number" then
+    local s = number_text(v)
+    if not s then fail_at(0, tostring(v) .. " is not a finite number") end
+    return s
+  end
+  local buf = {}
+  local n = encode_into(v, buf, 0, 0)
+  return tconcat(buf, "", 1, n)
+end
+local encode = M.encode
+
+--- "array", "object" or "empty" for an encodable table (raises for unusable keys).
+function M.table_kind(t)
+  root_name = "value"
+  return table_kind(t, 0)
+end
+
+---------------------------------------------------------------------------------------------
+-- Parameter types (DESIGN section 3).
+
+local function is_integer(v)
+  return type(v) == "number" and v == floor(v) and v > -huge and v < huge
+end
+
+local function table_is(v, want)
+  if type(v) ~= "table" then return false end
+  local ok, kind = pcall(M.table_kind, v)
+  return ok and (kind == "empty" or kind == want)
+end
+
+local CHECKS = {
+  Bool = function(v) return type(v) == "boolean" end,
+  Int32 = function(v) return is_integer(v) and v >= -2147483648 and v <= 2147483647 end,
+  Int64 = function(v) return is_integer(v) and v >= -9223372036854775808 and v < 9223372036854775808 end,
+  Float64 = function(v) return type(v) == "number" and number_text(v) ~= nil end,
+  String = function(v) return type(v) == "string" end,
+  Array = function(v) return table_is(v, "array") end,
+  Object = function(v) return table_is(v, "object") end,
+  JSON = function(v) return (pcall(encode, v)) end,
+}
+local TYPE_LIST = "Bool, Int32, Int64, Float64, String, Array, Object, JSON"
+
+-- "String|Int32" -> { "String", "Int32" }, or nil and the problem.
+local function parse_type(s)
+  if type(s) ~= "string" then return nil, "type must be a string such as \"Bool\", got " .. type(s) end
+  local alts = {}
+  for part in (s .. "|"):gmatch("([^|]*)|") do
+    local name = str_match(part, "^%s*(.-)%s*$")
+    if not CHECKS[name] then
+      return nil, str_format("unknown type %q in %q (types are %s, or unions like \"String|Int32\")",
+        name, s, TYPE_LIST)
+    end
+    alts[#alts + 1] = name
+  end
+  return alts
+end
+M.parse_type = parse_type
+
+local function matches(v, alts)
+  for i = 1, #alts do
+    if CHECKS[alts[i]](v) then return true end
+  end
+  return false
+end
+
+---------------------------------------------------------------------------------------------
+-- Template validation and the normalised function table.
+
+local LEVELS = { none = 0, support = 1, administrator = 2 }
+local FUNCTION_KEYS = { params = true, handler = true, security = true, timeout = true,
+                        description = true }
+
+local function bad(msg, level) error("driver_helper: " .. msg, level + 1) end
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  tsort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  return keys
+end
+
+-- One param spec ({ "Type", default } / "Type" / { "Type", optional = true }) -> entry.
+local function param_entry(fname, pname, spec, level)
+  local where = "template.functions." .. fname .. ".params." .. tostring(pname)
+  if type(pname) ~= "string" or not str_find(pname, "^[%a_][%w_]*$") then
+    bad(str_format("template.functions.%s: parameter name %s must be an identifier", fname, tostring(pname)), level)
+  end
+  if type(spec) == "string" then spec = { spec } end
+  if type(spec) ~= "table" then
+    bad(where .. " must be { \"Type\" } or { \"Type\", default }, got " .. type(spec), level)
+  end
+  local alts, err = parse_type(spec[1])
+  if not alts then bad(where .. ": " .. err, level) end
+  local e = { name = pname, type = spec[1], alts = alts }
+  if spec[2] ~= nil then
+    if not matches(spec[2], alts) then
+      bad(str_format("%s: default %s is not %s", where, tostring(spec[2]), spec[1]), level)
+    end
+    e.has_default, e.default = true, spec[2]
+  elseif spec.optional then
+    e.has_default = true   -- optional without a default: omitted means nil
+  end
+  return e
+end
+
+-- params in map form (sorted by name) or list form ({ {"a","Int32"}, {"b","Int32",2} }).
+local function param_list(fname, params, level)
+  if params == nil then return {} end
+  if type(params) ~= "table" then
+    bad("template.functions." .. fname .. ".params must be a table, got " .. type(params), level)
+  end
+  local list = {}
+  if params[1] ~= nil then
+    local ok, kind = pcall(M.table_kind, params)
+    if not ok or kind ~= "array" then
+      bad("template.functions." .. fname .. ".params mixes list entries and named entries", level)
+    end
+    local seen = {}
+    for i = 1, #params do
+      local p = params[i]
+      if type(p) ~= "table" then
+        bad(str_format("template.functions.%s.params[%d] must be { \"name\", \"Type\", default? }", fname, i), level)
+      end
+      local e = param_entry(fname, p[1], { p[2], p[3], optional = p.optional }, level + 1)
+      if seen[e.name] then bad(str_format("template.functions.%s.params: %s appears twice", fname, e.name), level) end
+      seen[e.name] = true
+      list[i] = e
+    end
+  else
+    for _, pname in ipairs(sorted_keys(params)) do
+      list[#list + 1] = param_entry(fname, pname, params[pname], level + 1)
+    end
+  end
+  return list
+end
+
+local function check_string_list(what, v, level)
+  if type(v) ~= "table" then bad(what .. " must be a list of names, got " .. type(v), level) end
+  local ok, kind = pcall(M.table_kind, v)
+  if not ok or kind == "object" then bad(what .. " must be a list of names", level) end
+  for i = 1, #v do
+    if type(v[i]) ~= "string" then
+      bad(str_format("%s[%d] must be a string, got %s", what, i, type(v[i])), level)
+    end
+  end
+end
+
+-- Normalise a template into { functions = name -> spec, security = name -> level, ... }.
+local function describe(t, level)
+  level = level + 1
+  local fns = t.functions or {}
+  local out = { functions = {}, names = sorted_keys(fns), security = {} }
+  for _, name in ipairs(out.names) do
+    local f = fns[name]
+    if not str_find(name, "^[%a_][%w_]*$") then
+      bad(str_format("template.functions: %q is not a valid function name (letters, digits, _)", name), level)
+    end
+    for k in pairs(f) do
+      if not FUNCTION_KEYS[k] then
+        bad(str_format("template.functions.%s.%s is not a function field (params, handler, security, timeout, description)",
+          name, tostring(k)), level)
+      end
+    end
+    if f.security ~= nil then
+      if LEVELS[f.security] == nil then
+        bad(str_format("template.functions.%s.security must be \"support\" or \"administrator\", got %s",
+          name, tostring(f.security)), level)
+      end
+      if f.security ~= "none" then out.security[name] = f.security end
+    end
+    if f.timeout ~= nil and (type(f.timeout) ~= "number" or not (f.timeout > 0) or f.timeout == huge) then
+      bad(str_format("template.functions.%s.timeout must be a positive number of seconds, got %s",
+        name, tostring(f.timeout)), level)
+    end
+    out.functions[name] = { params = param_list(name, f.params, level), timeout = f.timeout,
+                            handler = f.handler }
+  end
+  if t.security ~= nil then
+    if type(t.security) ~= "table" then
+      bad("template.security must be a table { support = {names}, administrator = {names} }", level)
+    end
+    for lvl, names in pairs(t.security) do
+      if lvl ~= "support" and lvl ~= "administrator" then
+        bad(str_format("template.security.%s is not a level (support, administrator)", tostring(lvl)), level)
+      end
+      check_string_list("template.security." .. lvl, names, level)
+      for _, fname in ipairs(names) do
+        if not out.functions[fname] then
+          bad(str_format("template.security.%s names %q, which is not in template.functions", lvl, fname), level)
+        end
+        local prev = out.security[fname]
+        if prev and prev ~= lvl then
+          bad(str_format("template.security: function %s is both %s and %s", fname, prev, lvl), level)
+        end
+        out.security[fname] = lvl
+      end
+    end
+  end
+  if t.implements ~= nil then check_string_list("template.implements", t.implements, level) end
+  if t.requirements ~= nil then
+    if type(t.requirements) ~= "table" then
+      bad("template.requirements must be a table { Module = { \"Interface\", ... } }", level)
+    end
+    for k, v in pairs(t.requirements) do
+      if type(k) ~= "string" then bad("template.requirements keys must be module names (strings)", level) end
+      check_string_list("template.requirements." .. k, v, level)
+    end
+  end
+  return out
+end
+
+local described = setmetatable({}, { __mode = "k" })   -- driver -> describe() result
+
+local last_template, last_description = nil, nil
+
+local prev_validate = caps.validate_template
+function caps.validate_template(t, level)
+  if prev_validate then prev_validate(t, level + 1) end
+  last_template, last_description = t, describe(t, level + 1)
+end
+
+local function description(driver)
+  local d = described[driver]
+  if d == nil then
+    d = describe(driver, 1)
+    described[driver] = d
+  end
+  return d
+end
+
+---------------------------------------------------------------------------------------------
+-- Metadata: the `interface/<device_id>` document.
+
+local function security_lists(d)
+  local lists = {}
+  for _, name in ipairs(d.names) do
+    local lvl = d.security[name]
+    if lvl then
+      lists[lvl] = lists[lvl] or {}
+      lists[lvl][#lists[lvl] + 1] = name
+    end
+  end
+  return lists
+end
+
+--- Interface JSON text (functions and params in a stable order) and a JSON object of
+-- per-function timeouts (host-only information).
+function M.metadata_json(driver)
+  local d = description(driver)
+  local parts = {}
+  for _, name in ipairs(d.names) do
+    local ps = {}
+    for _, p in ipairs(d.functions[name].params) do
+      local spec = '[' .. quote(p.type)
+      if p.has_default then
+        local dv = p.default
+        if type(dv) == "table" and next(dv) == nil and p.alts[1] == "Array" then
+          spec = spec .. ",[]"
+        else
+          spec = spec .. "," .. encode(dv, "default")
+        end
+      end
+      ps[#ps + 1] = quote(p.name) .. ":" .. spec .. "]"
+    end
+    parts[#parts + 1] = quote(name) .. ":{" .. tconcat(ps, ",") .. "}"
+  end
+  local sec = security_lists(d)
+  local sec_parts = {}
+  for _, lvl in ipairs({ "support", "administrator" }) do
+    if sec[lvl] then sec_parts[#sec_parts + 1] = quote(lvl) .. ":" .. encode(sec[lvl]) end
+  end
+  local req = driver.requirements
+  local req_text = "{}"
+  if req and next(req) ~= nil then req_text = encode(req) end
+  local impl = driver.implements
+  local impl_text = "[]"
+  if impl and #impl > 0 then impl_text = encode(impl) end
+  local interface = '{"functions":{' .. tconcat(parts, ",") .. '},"implements":' .. impl_text ..
+    ',"requirements":' .. req_text .. ',"security":{' .. tconcat(sec_parts, ",") .. '}}'
+  local timeouts = {}
+  for _, name in ipairs(d.names) do
+    local t = d.functions[name].timeout
+    if t then timeouts[#timeouts + 1] = quote(name) .. ":" .. number_text(t) end
+  end
+  return interface, "{" .. tconcat(timeouts, ",") .. "}"
+end
+
+local prev_metadata = caps.metadata
+function caps.metadata(driver)
+  local base = prev_metadata and prev_metadata(driver) or {}
+  local d = description(driver)
+  local fns = {}
+  for _, name in ipairs(d.names) do
+    local ps = {}
+    for _, p in ipairs(d.functions[name].params) do
+      ps[p.name] = p.has_default and { p.type, p.default } or { p.type }
+    end
+    fns[name] = ps
+  end
+  base.functions = fns
+  base.implements = driver.implements or {}
+  base.requirements = driver.requirements or {}
+  base.security = security_lists(d)
+  return base
+end
+
+---------------------------------------------------------------------------------------------
+-- Running a function call (the host has validated the arguments against the metadata).
+
+local function host_fn(name)
+  local h = caps.host
+  local f = h and h[name]
+  if f == nil then
+    error("this operation needs a running hub (host function " .. name .. " is missing)", 3)
+  end
+  return f
+end
+
+--- Handler body for one call: runs the function's handler and reports the outcome once.
+function M.invoke(driver, device_id, name, args, call_id)
+  local done = host_fn("fn_done")
+  local reported = false
+  local function report(ok, payload)
+    if reported then return end
+    reported = true
+    done(call_id, ok, payload)
+  end
+  local spec = driver.functions and driver.functions[name]
+  local device = caps.devices()[device_id]
+  if type(spec) ~= "table" or device == nil then
+    return report(false, "driver has no function " .. tostring(name) .. " for device " .. tostring(device_id))
+  end
+  -- The message handler runs before a CPU-limit abort is re-raised past us: report then.
+  local ok, res = xpcall(spec.handler, function(m)
+    local msg = tostring(m)
+    report(false, msg)
+    return msg
+  end, driver, device, args)
+  if not ok then
+    caps.log("warn", device_id, "function " .. name .. " failed: " .. tostring(res))
+    return report(false, tostring(res))
+  end
+  local eok, text = pcall(encode, res, "result")
+  if not eok then
+    return report(false, "function " .. name .. " returned a value that is not JSON-encodable: " .. text)
+  end
+  return report(true, text)
+end
+
+---------------------------------------------------------------------------------------------
+-- Other drivers: driver:system(id):get("Display", 1):call(...) / :subscribe(...).
+
+local subs = {}   -- ref -> { fn =, label = }
+
+local Module = {}
+Module.__index = Module
+
+local function module_label(m)
+  return m.system .. "/" .. m.module .. "/" .. m.index
+end
+
+--- Call a function of the module this proxy points at; yields until the result.
+-- Raises "<code>: <message>" (unknown_device, unknown_function, forbidden, bad_args,
+-- driver_error, timeout).
+function Module:call(fn, args)
+  if type(fn) ~= "string" then
+    error("call: function name must be a string, got " .. type(fn), 2)
+  end
+  if args ~= nil and type(args) ~= "table" then
+    error("bad_args: args must be a table of named or positional arguments, got " .. type(args), 2)
+  end
+  if not caps.can_wait() then
+    error("call: can only be used inside a handler (it waits for the result)", 2)
+  end
+  local ok, args_text = pcall(encode, args or {}, "args")
+  if not ok then error("bad_args: " .. args_text, 2) end
+  local req = '{"system":' .. quote(self.system) .. ',"module":' .. quote(self.module) ..
+    ',"index":' .. self.index .. ',"function":' .. quote(fn) .. ',"args":' .. args_text .. '}'
+  local rok, value = caps.host_wait("call", req)
+  if rok == true then return value end
+  error(tostring(value), 2)
+end
+
+local Subscription = {}
+Subscription.__index = Subscription
+
+--- Stop receiving values; returns true if the subscription was active.
+function Subscription:unsubscribe()
+  if subs[self.ref] == nil then return false end
+  subs[self.ref] = nil
+  host_fn("fn_unsubscribe")(self.ref)
+  return true
+end
+
+--- fn(driver, value, subscription) runs on the current value (if any) and on every change.
+-- The subscription follows the system index: re-ordered modules deliver the new one's values.
+function Module:subscribe(status, fn)
+  if type(status) ~= "string" or status == "" then
+    error("subscribe: status name must be a non-empty string, got " .. type(status), 2)
+  end
+  if type(fn) ~= "function" then
+    error("subscribe: callback must be a function, got " .. type(fn), 2)
+  end
+  local ref = host_fn("fn_subscribe")(self.system, self.module, self.index, status)
+  local sub = setmetatable({ ref = ref, status = status, target = module_label(self) }, Subscription)
+  subs[ref] = { fn = fn, sub = sub }
+  return sub
+end
+
+--- Handler body for one delivered value.
+function M.deliver(driver, ref, value)
+  local s = subs[ref]
+  if s then return s.fn(driver, value, s.sub) end
+end
+
+local System = {}
+System.__index = System
+
+--- A proxy for "<Module>/<index>" in this system; `get("Display_2")` works too.
+function System:get(module, index)
+  if type(module) ~= "string" or module == "" then
+    error("get: module name must be a non-empty string such as \"Display\", got " .. type(module), 2)
+  end
+  if index == nil then
+    local m, i = str_match(module, "^(.-)_(%d+)$")
+    if m then module, index = m, tonumber(i) else index = 1 end
+  end
+  if not is_integer(index) or index < 1 then
+    error("get: index must be a positive integer, got " .. tostring(index), 2)
+  end
+  return setmetatable({ system = self.id, module = module, index = index }, Module)
+end
+
+local function system(driver, id)
+  if type(id) ~= "string" or id == "" then
+    error("system: system id must be a non-empty string, got " .. type(id), 2)
+  end
+  return setmetatable({ id = id }, System)
+end
+
+local prev_built = caps.on_driver_built
+function caps.on_driver_built(d)
+  if prev_built then prev_built(d) end
+  -- build() validates the template, then builds the driver from it, then calls us
+  if last_description then described[d] = last_description end
+  last_template, last_description = nil, nil
+  if d.system == nil then d.system = system end
+end
+
+caps.functions_api = M
+return M
