@@ -2,6 +2,7 @@
 -- datastore. See DESIGN section 3 for the names; they are a contract with driver authors.
 local caps = select(2, ...)
 local log = require "log"
+require "driver_functions"   -- functions, metadata, driver:system(): plugs into caps
 
 local type, pairs, ipairs, tostring, error, setmetatable, select =
   type, pairs, ipairs, tostring, error, setmetatable, select
