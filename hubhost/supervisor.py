@@ -396,6 +396,47 @@ class Supervisor:
                 after(self)
 
 
+    async def apply_config(self, new: HubConfig) -> dict[str, list[str]]:
+        """Make the running drivers match `new` (config reload). Removed drivers stop, new
+        ones start, drivers whose settings or devices changed restart; a driver whose
+        devices changed only in system/module/index keeps running untouched."""
+        report: dict[str, list[str]] = {"started": [], "stopped": [], "restarted": [], "kept": []}
+        wanted = {d.id: d for d in new.drivers}
+        leaving = []
+        for did, slot in self.slots.items():
+            nd = wanted.get(did)
+            if nd is None or _needs_restart(slot.cfg, nd):
+                leaving.append(slot)
+                report["stopped" if nd is None else "restarted"].append(did)
+        deadline = self.loop.time() + SHUTDOWN_HANDLERS_BUDGET
+        await asyncio.gather(*(s.stop(deadline) for s in leaving))
+        slots: dict[str, DriverSlot] = {}
+        starting: list[DriverSlot] = []
+        for d in new.drivers:
+            old = self.slots.get(d.id)
+            if old is not None and d.id not in report["restarted"]:
+                old.cfg = d          # same devices: only their index entries may differ
+                slots[d.id] = old
+                report["kept"].append(d.id)
+            else:
+                slots[d.id] = DriverSlot(self, d)
+                starting.append(slots[d.id])
+                if old is None:
+                    report["started"].append(d.id)
+        self.slots = slots
+        self.config = new
+        await asyncio.gather(*(s.start() for s in starting))
+        return report
+
+
+def _needs_restart(old: DriverConfig, new: DriverConfig) -> bool:
+    """Anything but a device's system/module/index (or the order of devices) changed."""
+    def devices(c: DriverConfig) -> dict[str, Any]:
+        return {d.id: (d.label, d.config, d.transport, d.transport_settings) for d in c.devices}
+    return ((old.path, old.flush_interval, old.max_memory, old.cpu_limit, devices(old))
+            != (new.path, new.flush_interval, new.max_memory, new.cpu_limit, devices(new)))
+
+
 def _debug_stall(sup: Supervisor) -> None:
     """HUBHOST_DEBUG_STALL=1 only: SIGUSR2 blocks the event loop for 3 s, so tests can show
     that a stalled loop stops the systemd watchdog pings."""
