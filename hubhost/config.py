@@ -106,6 +106,67 @@ class _Checker:
                 self.fail(f"{key}{k}" if not key else f"{key}.{k}", "unknown key")
 
 
+API_LEVELS = ("none", "support", "administrator")
+
+
+def _api(c: _Checker, raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """[api]: the local HTTP/WebSocket API (hubhost/api.py). Returns normalised settings:
+    socket (path or None for the default), socket_mode, tcp ((host, port) or None),
+    tokens ([{token, level}]), exec_timeout, driver_level, driver_levels."""
+    c.unknown(raw, {"enabled", "socket", "socket_mode", "tcp", "tokens", "exec_timeout",
+                    "driver_level", "driver_levels"}, "api")
+    out: dict[str, Any] = {"enabled": c.typed(raw, "enabled", "api.enabled", (bool,), "true or false", True)}
+    sock = c.typed(raw, "socket", "api.socket", (str,), "a path")
+    out["socket"] = str((base / sock).resolve()) if sock else None
+    mode = raw.get("socket_mode", 0o660)
+    if isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode):
+        mode = int(mode, 8)
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+        c.fail("api.socket_mode", f"must be an octal mode string such as \"0660\", got {mode!r}")
+    if mode & 0o007:
+        c.fail("api.socket_mode", f"must not give access to other users (got {mode:o}); "
+                                  "the socket grants administrator level")
+    out["socket_mode"] = mode
+    tcp = c.typed(raw, "tcp", "api.tcp", (str,), "\"host:port\" such as \"127.0.0.1:8765\"")
+    out["tcp"] = None
+    if tcp:
+        m = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", tcp)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            c.fail("api.tcp", f"must be \"host:port\" such as \"127.0.0.1:8765\", got {tcp!r}")
+        out["tcp"] = (m.group(1) or "127.0.0.1", int(m.group(2)))
+    tokens = c.typed(raw, "tokens", "api.tokens", (list,), "an array of tables ([[api.tokens]])", [])
+    out["tokens"] = []
+    seen: set[str] = set()
+    for i, t in enumerate(tokens):
+        k = f"api.tokens[{i}]"
+        if not isinstance(t, dict):
+            c.fail(k, "must be a table with token and level")
+        c.unknown(t, {"token", "level", "name"}, k)
+        tok = c.typed(t, "token", f"{k}.token", (str,), "a string")
+        if not tok or len(tok) < 16 or not tok.isprintable() or " " in tok:
+            c.fail(f"{k}.token", "must be at least 16 printable characters without spaces")
+        if tok in seen:
+            c.fail(f"{k}.token", "duplicate token")
+        seen.add(tok)
+        level = c.typed(t, "level", f"{k}.level", (str,), "a string", "none")
+        if level not in API_LEVELS:
+            c.fail(f"{k}.level", f"must be one of {', '.join(API_LEVELS)}, got {level!r}")
+        out["tokens"].append({"token": tok, "level": level,
+                              "name": c.typed(t, "name", f"{k}.name", (str,), "a string", f"token {i}")})
+    if out["tcp"] and not out["tokens"]:
+        c.fail("api.tcp", "needs at least one [[api.tokens]] entry (TCP clients must present a token)")
+    out["exec_timeout"] = c.number(raw, "exec_timeout", "api.exec_timeout", 10.0)
+    out["driver_level"] = c.typed(raw, "driver_level", "api.driver_level", (str,), "a string", "support")
+    if out["driver_level"] not in API_LEVELS:
+        c.fail("api.driver_level", f"must be one of {', '.join(API_LEVELS)}, got {out['driver_level']!r}")
+    levels = c.typed(raw, "driver_levels", "api.driver_levels", (dict,), "a table of driver id = level", {})
+    for did, level in levels.items():
+        if level not in API_LEVELS:
+            c.fail(f"api.driver_levels.{did}", f"must be one of {', '.join(API_LEVELS)}, got {level!r}")
+    out["driver_levels"] = dict(levels)
+    return out
+
+
 def load(path: str | Path) -> HubConfig:
     """Read and check a hub config file."""
     path = Path(path)
@@ -134,7 +195,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
     if level.lower() not in LOG_LEVELS:
         c.fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     cfg.log_level = level.lower()
-    cfg.api = c.typed(raw, "api", "api", (dict,), "a table", {})
+    cfg.api = _api(c, c.typed(raw, "api", "api", (dict,), "a table", {}), base)
 
     if "redis" in raw:
         r = c.typed(raw, "redis", "redis", (dict,), "a table")
