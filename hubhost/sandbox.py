@@ -18,12 +18,7 @@ from typing import Any, Callable
 import lupa.luajit21 as lupa
 
 from . import paths
-
-try:  # the `#` rewrite for 5.2-style __len (luasource.py)
-    from .luasource import rewrite_len as _rewrite_len
-except ImportError:  # pragma: no cover - only while the module is being written
-    def _rewrite_len(src: str) -> str:
-        return src
+from .luasource import rewrite_len as _rewrite_len
 
 HERE = Path(__file__).resolve().parent
 LuaError = lupa.LuaError
