@@ -37,6 +37,17 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     return None
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    # pytest renders setup/teardown exceptions itself (not via repr_failure): give hook
+    # failures the same Lua-only text as test failures.
+    report: pytest.TestReport = yield
+    excinfo = call.excinfo
+    if isinstance(item, SpecItem) and excinfo is not None and isinstance(excinfo.value, SpecError):
+        report.longrepr = excinfo.value.text
+    return report
+
+
 def _marker(config: pytest.Config, tag: str) -> pytest.MarkDecorator:
     """pytest.mark.<tag>, registered first so it never warns as unknown."""
     known = config.stash.get(_TAGS_KEY, None)

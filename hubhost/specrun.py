@@ -141,12 +141,13 @@ class _Pass:
         self.sb = sb
         lua = sb.lua
         getinfo, traceback = lua.execute(_CAPABILITIES)
-        lib_prefix = chunkname(paths.lua_library_dir() / "x")[:-1]
+        lib = paths.lua_library_dir()
+        prefixes = [chunkname(lib / "x")[:-1], b"@" + str(lib).encode() + b"/", b"@hubhost/"]
         opts = lua.table_from({
             b"env": env,
             b"getinfo": getinfo,
             b"traceback": traceback,
-            b"internal_prefixes": lua.table_from([lib_prefix, b"@hubhost/"]),
+            b"internal_prefixes": lua.table_from(prefixes),
         })
         try:
             busted = env[b"require"](b"busted")

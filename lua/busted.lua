@@ -21,6 +21,7 @@ local mock = require "luassert.mock"
 local match = require "luassert.match"
 local util = require "luassert.util"
 local astate = require "luassert.state"
+util.mark_internal(function() end)
 
 local M = { version = "2.2 (hubhost)" }
 
@@ -91,7 +92,8 @@ Runner.__index = Runner
 --- Creates a runner for one spec file. opts: env (the sandbox environment
 --- the spec's globals fall back to), getinfo (capability, see luassert.util),
 --- traceback (fallback capability), internal_prefixes (chunk-name prefixes
---- of library and host code, dropped from locations and tracebacks).
+--- of library and host code, dropped from locations and tracebacks; the
+--- library's own chunks are recognised without them).
 function M.new(opts)
   local self = setmetatable({}, Runner)
   self.base = opts.env
@@ -101,7 +103,7 @@ function M.new(opts)
   util.set_host({
     getinfo = opts.getinfo,
     fail = raise_failure,
-    lib_prefix = self.prefixes[1],
+    lib_prefixes = self.prefixes,
   })
   self.id_count = {}
   self.stack, self.states = {}, {}
@@ -131,12 +133,7 @@ end
 -- True for frames of the library, the host glue and C: not the user's code.
 function Runner:internal(info)
   if info.what == "C" or info.what == "tail" then return true end
-  local src = info.source or ""
-  if src:sub(-9) == "_spec.lua" then return false end
-  for _, p in ipairs(self.prefixes) do
-    if src:sub(1, #p) == p then return true end
-  end
-  return util.is_internal(src)
+  return util.is_internal(info.source)
 end
 
 -- The innermost user frame above the caller, or nil.
@@ -423,6 +420,12 @@ end
 ---------------------------------------------------------------------------------------------
 -- Collection: runs the file and every describe body, never hooks or tests.
 function Runner:collect_block(el, out)
+  self:push(el) -- the block's environment lives until its last child is done
+  self:collect_children(el, out)
+  self:pop()
+end
+
+function Runner:collect_children(el, out)
   local err = self:safe(el, el.run)
   if err then
     if el.descriptor == "file" then
@@ -564,6 +567,12 @@ function Runner:block_failed(el, outcome, as_setup)
 end
 
 function Runner:exec_block(el)
+  self:push(el) -- the block's environment lives until its last child is done
+  self:exec_children(el)
+  self:pop()
+end
+
+function Runner:exec_children(el)
   local err = self:safe(el, el.run)
   if err then
     self:block_failed(el, err, false)

@@ -2,6 +2,8 @@
 -- stubs, mocks, matchers) for hubhost's sandboxed runtimes. Returns the
 -- assert object; the pieces live in luassert/*.lua.
 local assert = require "luassert.assert"
+local util = require "luassert.util"
+util.mark_internal(function() end)
 
 assert._VERSION = "luassert 1.9 (hubhost)"
 

@@ -1,5 +1,7 @@
 -- assert.array(t).has.no.holes([length]): checks a list for nil gaps.
 local assert = require "luassert.assert"
+local util = require "luassert.util"
+util.mark_internal(function() end)
 
 local KEY = "__array_state"
 

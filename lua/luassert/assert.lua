@@ -4,6 +4,8 @@ local say = require "say"
 local astate = require "luassert.state"
 local util = require "luassert.util"
 local namespace = require "luassert.namespaces"
+util.mark_internal(function() end)
+util.mark_internal(say.get)
 
 local obj -- the module table, referenced by the metatables below
 local level_mt = {}

@@ -5,6 +5,7 @@ local assert = require "luassert.assert"
 local astate = require "luassert.state"
 local util = require "luassert.util"
 local say = require "say"
+util.mark_internal(function() end)
 
 local function format(val)
   return astate.format_argument(val) or tostring(val)

@@ -2,6 +2,7 @@
 -- "(table: 0x...) { ... }" with the first difference marked by "*".
 local assert = require "luassert.assert"
 local util = require "luassert.util"
+util.mark_internal(function() end)
 
 -- tostring, but numbers with full precision (and NaN/Inf spelled out).
 local function tostr(v)

@@ -2,6 +2,7 @@
 -- match.is_string(), match.is_not_nil(), match.is_same(x), ...
 local namespace = require "luassert.namespaces"
 local util = require "luassert.util"
+util.mark_internal(function() end)
 
 local matcher_mt = {
   __call = function(self, value) return self.callback(value) == self.mod end,

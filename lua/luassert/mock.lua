@@ -2,6 +2,8 @@
 -- stub), so a whole module can be watched; mock.revert undoes it.
 local spy = require "luassert.spy"
 local stub = require "luassert.stub"
+local util = require "luassert.util"
+util.mark_internal(function() end)
 
 local function apply(object, action)
   if type(object) ~= "table" then return end

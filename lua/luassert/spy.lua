@@ -2,6 +2,7 @@
 -- assertions that inspect them (assert.spy(s).was.called_with(...)).
 local assert = require "luassert.assert"
 local util = require "luassert.util"
+util.mark_internal(function() end)
 
 local spy_mt = {
   __call = function(self, ...)

@@ -97,5 +97,6 @@ function state.add_spy(s)
 end
 
 state.snapshot() -- the root snapshot: never reverted
+require("luassert.util").mark_internal(state.snapshot)
 
 return state

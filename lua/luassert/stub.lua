@@ -3,6 +3,7 @@
 local assert = require "luassert.assert"
 local spy = require "luassert.spy"
 local util = require "luassert.util"
+util.mark_internal(function() end)
 
 local stub = {}
 

@@ -6,23 +6,43 @@ local util = {}
 local unpack = unpack
 
 -- Host capabilities, injected by the runner (see util.set_host).
-local host = { getinfo = nil, prefix = nil, fail = nil }
+local host = { getinfo = nil, prefixes = {}, fail = nil }
+
+-- Library frames are recognised by chunk name: each library module marks
+-- itself with a function of its own chunk (util.mark_internal), since the
+-- host may name bundled chunks in more than one way.
+local marked = {}
+local internal_sources = {}
+
+local function learn(fn)
+  local info = host.getinfo and host.getinfo(fn)
+  if info and info.source then internal_sources[info.source] = true end
+end
+
+--- Declares fn's chunk a library chunk: its frames are never "the caller".
+function util.mark_internal(fn)
+  marked[#marked + 1] = fn
+  learn(fn)
+end
 
 --- Installs host capabilities: getinfo(level_or_fn) -> {source, short_src,
 --- currentline, linedefined, what, name, namewhat} (level relative to its
 --- caller, like debug.getinfo), fail(text, raw) to raise failures, and
---- lib_prefix, the chunk-name prefix of the bundled library.
+--- lib_prefixes, chunk-name prefixes of the bundled library.
 function util.set_host(caps)
   if caps.getinfo ~= nil then host.getinfo = caps.getinfo end
   if caps.fail ~= nil then host.fail = caps.fail end
-  if caps.lib_prefix ~= nil then host.prefix = caps.lib_prefix end
-  if host.getinfo and not host.prefix then
+  for _, p in ipairs(caps.lib_prefixes or {}) do
+    if p ~= "" then host.prefixes[#host.prefixes + 1] = p end
+  end
+  if host.getinfo then
+    for _, fn in ipairs(marked) do learn(fn) end
     -- our own chunk name ends in "luassert/util.lua": what precedes it is
-    -- the bundled library's prefix, shared by every library module.
+    -- where this runtime's copy of the library lives.
     local info = host.getinfo(1)
     local src = info and info.source or ""
-    local cut = src:find("luassert[/\\.]util%.lua$") or src:find("luassert[/\\.]util$")
-    host.prefix = cut and src:sub(1, cut - 1) or src
+    local cut = src:find("luassert[/\\]util%.lua$")
+    if cut and cut > 2 then host.prefixes[#host.prefixes + 1] = src:sub(1, cut - 1) end
   end
 end
 
@@ -34,11 +54,16 @@ function util.getinfo(what)
   return host.getinfo(what)
 end
 
---- True when a chunk source belongs to the bundled library.
+--- True when a chunk source belongs to the bundled library (spec files
+--- never do, even when they live beside it).
 function util.is_internal(source)
-  local prefix = host.prefix
-  return prefix ~= nil and prefix ~= "" and type(source) == "string"
-    and source:sub(1, #prefix) == prefix
+  if type(source) ~= "string" then return false end
+  if internal_sources[source] then return true end
+  if source:sub(-9) == "_spec.lua" then return false end
+  for _, prefix in ipairs(host.prefixes) do
+    if source:sub(1, #prefix) == prefix then return true end
+  end
+  return false
 end
 
 --- Name of a frame's file for messages: the full chunk name, untruncated.
@@ -56,7 +81,7 @@ function util.where(skip)
   for level = 2, 250 do
     local info = host.getinfo(level)
     if not info then return nil end
-    if info.what ~= "C" and not util.is_internal(info.source) then
+    if info.what ~= "C" and info.what ~= "tail" and not util.is_internal(info.source) then
       if skip <= 0 then return info end
       skip = skip - 1
     end
@@ -284,5 +309,7 @@ function util.extract_keys(nspace, tokens)
   end
   return keys
 end
+
+util.mark_internal(util.mark_internal)
 
 return util
