@@ -1,0 +1,643 @@
+"""The hub's local API: HTTP and WebSocket (aiohttp) for status, metadata, exec and
+subscriptions, plus config reload. `install(sup)` plugs it into a Supervisor.
+
+Where it listens: a Unix socket (default `$RUNTIME_DIRECTORY/hubhost.sock`, else
+`<state_dir>/hubhost.sock`, mode 0660: whoever may open it is trusted, so requests on it
+run at administrator level unless they present a token), and optionally TCP, where every
+request needs `Authorization: Bearer <token>` from `[[api.tokens]]` and gets that token's
+level.
+
+REST (JSON; errors are {"error": {"code", "message"}}):
+  GET  /api/v1/health                       drivers, mirror, subscription counts
+  GET  /api/v1/devices                      every device with its driver and index place
+  GET  /api/v1/devices/{id}                 one device with status and interface
+  GET  /api/v1/devices/{id}/status          {name: value}
+  GET  /api/v1/devices/{id}/metadata        the interface document (DESIGN section 5)
+  GET  /api/v1/systems[/{system}]           the system index
+  POST /api/v1/exec                         {"device"|"system","module","index", "function", "args", "timeout"}
+  POST /api/v1/devices/{id}/functions/{fn}  body: args (object or array)
+  POST /api/v1/reload                       re-read the config (administrator)
+  GET  /api/v1/ws                           WebSocket, see WsSession
+
+Exec errors map to HTTP statuses: unknown_device/unknown_function 404, forbidden 403,
+bad_args 400, driver_error 502, timeout 504 (the hub is a gateway to its drivers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from .functions import LEVELS, ExecError, FunctionHost, SystemRef
+from .subscriptions import Subscriptions
+
+__all__ = ["ApiSettings", "ApiServer", "install", "reload_config", "default_socket_path",
+           "bind_unix", "short_unix_path"]
+
+log = logging.getLogger("hubhost.api")
+
+MAX_BODY = 1024 * 1024
+MAX_WS_BACKLOG = 10_000          # queued messages before a slow WebSocket client is dropped
+MAX_WS_CALLS = 64                # exec requests in flight per WebSocket
+HTTP_STATUS = {"unknown_device": 404, "unknown_function": 404, "forbidden": 403, "bad_args": 400,
+               "driver_error": 502, "timeout": 504}
+JSON_TYPE = "application/json"
+
+
+# -- settings and sockets -------------------------------------------------------------------
+
+def default_socket_path(state_dir: Path) -> Path:
+    """$RUNTIME_DIRECTORY/hubhost.sock under systemd, else <state_dir>/hubhost.sock."""
+    rt = os.environ.get("RUNTIME_DIRECTORY")
+    if rt:
+        return Path(rt.split(":")[0]) / "hubhost.sock"
+    return Path(state_dir) / "hubhost.sock"
+
+
+@dataclass
+class ApiSettings:
+    """The [api] table, normalised by config.py (an empty table means all defaults)."""
+
+    socket: Path
+    enabled: bool = True
+    socket_mode: int = 0o660
+    tcp: tuple[str, int] | None = None
+    tokens: dict[str, str] = field(default_factory=dict)       # token -> level
+    exec_timeout: float = 10.0
+    driver_level: str = "support"
+    driver_levels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, api: dict[str, Any], state_dir: Path) -> "ApiSettings":
+        return cls(
+            socket=Path(api["socket"]) if api.get("socket") else default_socket_path(state_dir),
+            enabled=api.get("enabled", True),
+            socket_mode=api.get("socket_mode", 0o660),
+            tcp=tuple(api["tcp"]) if api.get("tcp") else None,  # type: ignore[arg-type]
+            tokens={t["token"]: t["level"] for t in api.get("tokens", [])},
+            exec_timeout=api.get("exec_timeout", 10.0),
+            driver_level=api.get("driver_level", "support"),
+            driver_levels=dict(api.get("driver_levels", {})),
+        )
+
+
+_UNIX_MAX = 100   # sun_path holds 108 bytes; keep a margin
+
+
+def short_unix_path(path: Path) -> tuple[str, int | None]:
+    """A path short enough for AF_UNIX: long ones go through /proc/self/fd/<dir fd>/name.
+    Returns (path, fd to close once bound or connected)."""
+    text = str(path)
+    if len(text.encode()) <= _UNIX_MAX:
+        return text, None
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/{path.name}", fd
+
+
+def bind_unix(path: Path, mode: int) -> socket.socket:
+    """A listening Unix socket with `mode` set before it accepts anyone. A stale socket
+    file is replaced; one a live process answers on is an error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    addr, fd = short_unix_path(path)
+    try:
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(addr)
+            except OSError:
+                path.unlink()          # nobody listens: left over from a crash
+            else:
+                raise OSError(f"{path}: another process is serving the API on this socket")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(addr)
+            os.chmod(path, mode)        # before listen(): no one can connect yet
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+def _json_response(body: bytes | str, status: int = 200) -> web.Response:
+    if isinstance(body, str):
+        body = body.encode()
+    return web.Response(body=body, status=status, content_type=JSON_TYPE)
+
+
+def _need_str(obj: dict, key: str, *, optional: bool = False) -> str | None:
+    v = obj.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not v:
+        raise _BadRequest(f"'{key}' must be a non-empty string, got {orjson.dumps(v).decode()[:60]}")
+    return v
+
+
+def _need_index(obj: dict, key: str = "index") -> int:
+    v = obj.get(key, 1)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 2**31:
+        raise _BadRequest(f"'{key}' must be a positive integer, got {orjson.dumps(v).decode()[:60]}")
+    return v
+
+
+def _need_timeout(obj: dict) -> float | None:
+    v = obj.get("timeout")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
+        raise _BadRequest(f"'timeout' must be a number of seconds in (0, 3600], got {orjson.dumps(v).decode()[:60]}")
+    return float(v)
+
+
+def _target(obj: dict) -> str | SystemRef:
+    """{"device": id} or {"system"/"sys", "module"/"mod", "index"} -> exec target."""
+    if "device" in obj:
+        return _need_str(obj, "device")  # type: ignore[return-value]
+    sys_key = "system" if "system" in obj else "sys"
+    mod_key = "module" if "module" in obj else "mod"
+    if sys_key not in obj:
+        raise _BadRequest("give the target as \"device\", or as \"system\", \"module\" and \"index\"")
+    return SystemRef(_need_str(obj, sys_key), _need_str(obj, mod_key), _need_index(obj))  # type: ignore[arg-type]
+
+
+# -- the server -----------------------------------------------------------------------------
+
+class ApiServer:
+    """The aiohttp application and its sites (Unix socket, optional TCP)."""
+
+    def __init__(self, sup: Any, functions: FunctionHost, subs: Subscriptions, settings: ApiSettings) -> None:
+        self.sup = sup
+        self.functions = functions
+        self.subs = subs
+        self.settings = settings
+        self.sessions: set[WsSession] = set()
+        self.runner: web.AppRunner | None = None
+        self.tcp_port: int | None = None
+        self.socket_path: Path | None = None
+        self.app = self._make_app()
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
+        r = app.router
+        r.add_get("/api/v1/health", self.health)
+        r.add_get("/api/v1/devices", self.devices)
+        r.add_get("/api/v1/devices/{id}", self.device)
+        r.add_get("/api/v1/devices/{id}/status", self.device_status)
+        r.add_get("/api/v1/devices/{id}/metadata", self.device_metadata)
+        r.add_get("/api/v1/systems", self.systems)
+        r.add_get("/api/v1/systems/{system}", self.system)
+        r.add_post("/api/v1/exec", self.exec)
+        r.add_post("/api/v1/devices/{id}/functions/{fn}", self.exec_device)
+        r.add_post("/api/v1/reload", self.reload)
+        r.add_get("/api/v1/ws", self.websocket)
+        return app
+
+    # -- life ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                                    shutdown_timeout=1.0)
+        await self.runner.setup()
+        sock = bind_unix(s.socket, s.socket_mode)
+        self.socket_path = s.socket
+        await web.SockSite(self.runner, sock).start()
+        log.info("API listening on %s (mode %o)", s.socket, s.socket_mode)
+        if s.tcp:
+            site = web.TCPSite(self.runner, s.tcp[0], s.tcp[1], reuse_address=True)
+            await site.start()
+            server = site._server  # noqa: SLF001 - the bound port (tcp = "host:0" in tests)
+            sockets = getattr(server, "sockets", None) or []
+            self.tcp_port = sockets[0].getsockname()[1] if sockets else s.tcp[1]
+            log.info("API listening on %s:%d (bearer tokens)", s.tcp[0], self.tcp_port)
+
+    async def stop(self) -> None:
+        for session in list(self.sessions):
+            await session.close(1001, "hub stopping")
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.socket_path is not None:
+            try:
+                self.socket_path.unlink()
+            except FileNotFoundError:
+                pass
+            self.socket_path = None
+
+    # -- auth and errors -----------------------------------------------------------------
+    def level_for(self, request: web.Request) -> str:
+        """The caller's level: its token's, or administrator on the Unix socket."""
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise web.HTTPUnauthorized(reason="malformed Authorization header (want: Bearer <token>)")
+            for known, level in self.settings.tokens.items():
+                if hmac.compare_digest(known.encode(), token.strip().encode()):
+                    return level
+            raise web.HTTPUnauthorized(reason="unknown token")
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            return "administrator"
+        raise web.HTTPUnauthorized(reason="a bearer token is required on TCP (Authorization: Bearer <token>)")
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            request["level"] = self.level_for(request)
+            return await handler(request)
+        except ExecError as e:
+            return _json_response(_error_body(e.code, e.message), HTTP_STATUS.get(e.code, 400))
+        except _BadRequest as e:
+            return _json_response(_error_body(e.code, e.message), 400)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                    413: "too_large"}.get(e.status, "bad_request")
+            message = e.reason or e.text or code
+            if e.status == 413:
+                message = f"request body is larger than {MAX_BODY} bytes"
+            resp = _json_response(_error_body(code, message), e.status)
+            if e.status == 401:
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="hubhost"'
+            return resp
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("API: %s %s failed", request.method, request.path)
+            return _json_response(_error_body("internal", "internal error (logged on the hub)"), 500)
+
+    async def _body(self, request: web.Request, *, default: Any = None) -> Any:
+        raw = await request.read()
+        if not raw.strip():
+            return default
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise _BadRequest(f"body is not valid JSON: {e}") from None
+
+    # -- REST ----------------------------------------------------------------------------
+    def _device_entry(self, slot: Any, dev: Any) -> dict[str, Any]:
+        return {"id": dev.id, "label": dev.label, "driver": slot.id, "state": slot.state,
+                "system": dev.system, "module": dev.module, "index": dev.index}
+
+    def _find(self, device_id: str) -> tuple[Any, Any]:
+        slot = self.functions.device_slot(device_id)
+        if slot is None:
+            raise ExecError("unknown_device", f"no device {device_id!r} on this hub")
+        dev = next(d for d in slot.cfg.devices if d.id == device_id)
+        return slot, dev
+
+    def _status_text(self, device_id: str) -> str:
+        fields = self.sup.status.device(device_id)
+        return "{" + ",".join(f"{orjson.dumps(k).decode()}:{v}" for k, v in fields.items()) + "}"
+
+    def _interface_text(self, device_id: str) -> str:
+        iface = self.functions.interface_of(device_id)
+        return iface.text if iface is not None else "null"
+
+    async def health(self, request: web.Request) -> web.Response:
+        mirror = getattr(self.sup, "mirror", None)
+        body = {
+            "hub": self.sup.config.hub_id,
+            "counts": self.sup.counts(),
+            "drivers": {s.id: {"state": s.state, "restarts": s.restarts, "last_error": s.last_error}
+                        for s in self.sup.slots.values()},
+            "mirror": mirror.state() if mirror is not None else None,
+            "subscriptions": self.subs.count(),
+            "websockets": len(self.sessions),
+        }
+        return _json_response(orjson.dumps(body, default=str))
+
+    async def devices(self, request: web.Request) -> web.Response:
+        out = [self._device_entry(slot, dev) for slot in self.sup.slots.values() for dev in slot.cfg.devices]
+        return _json_response(orjson.dumps(out))
+
+    async def device(self, request: web.Request) -> web.Response:
+        slot, dev = self._find(request.match_info["id"])
+        entry = orjson.dumps(self._device_entry(slot, dev)).decode()
+        return _json_response(entry[:-1] + ',"status":' + self._status_text(dev.id) +
+                              ',"interface":' + self._interface_text(dev.id) + "}")
+
+    async def device_status(self, request: web.Request) -> web.Response:
+        _, dev = self._find(request.match_info["id"])
+        return _json_response(self._status_text(dev.id))
+
+    async def device_metadata(self, request: web.Request) -> web.Response:
+        _, dev = self._find(request.match_info["id"])
+        return _json_response(self._interface_text(dev.id))
+
+    async def systems(self, request: web.Request) -> web.Response:
+        return _json_response(orjson.dumps(self.subs.index))
+
+    async def system(self, request: web.Request) -> web.Response:
+        system_id = request.match_info["system"]
+        mapping = self.subs.index.get(system_id)
+        if mapping is None:
+            raise ExecError("unknown_device", f"no system {system_id!r} on this hub")
+        return _json_response(orjson.dumps(mapping))
+
+    async def exec(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            raise _BadRequest("body must be a JSON object with the target, \"function\" and \"args\"")
+        fn = _need_str(body, "function")
+        result = await self.functions.exec(_target(body), fn, body.get("args"),  # type: ignore[arg-type]
+                                           level=request["level"], timeout=_need_timeout(body))
+        return _json_response('{"result":' + result + "}")
+
+    async def exec_device(self, request: web.Request) -> web.Response:
+        args = await self._body(request)
+        timeout = None
+        if "timeout" in request.query:
+            try:
+                timeout = _need_timeout({"timeout": float(request.query["timeout"])})
+            except ValueError:
+                raise _BadRequest("query parameter timeout must be a number of seconds") from None
+        result = await self.functions.exec(request.match_info["id"], request.match_info["fn"], args,
+                                           level=request["level"], timeout=timeout)
+        return _json_response('{"result":' + result + "}")
+
+    async def reload(self, request: web.Request) -> web.Response:
+        if LEVELS[request["level"]] < LEVELS["administrator"]:
+            raise ExecError("forbidden", "reloading the config needs the administrator level")
+        try:
+            report = await reload_config(self.sup)
+        except ConfigReloadError as e:
+            return _json_response(_error_body("bad_config", str(e)), 400)
+        return _json_response(orjson.dumps({"reloaded": report}))
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30.0)
+        await ws.prepare(request)
+        session = WsSession(self, ws, request["level"])
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            await session.close()
+        return ws
+
+
+# -- WebSocket ------------------------------------------------------------------------------
+
+class WsSession:
+    """One WebSocket client. Requests are JSON objects with an "id" (echoed in the reply)
+    and a "type":
+
+      {"id": 1, "type": "bind", "sys": "s1", "mod": "Display", "index": 1, "name": "power"}
+          -> {"id": 1, "type": "success", "ref": 7}, then for the current value and every
+             change: {"type": "notify", "ref": 7, "value": <JSON>, "meta": {sys, mod, index, name}}
+      {"id": 2, "type": "unbind", "ref": 7}                -> {"id": 2, "type": "success"}
+      {"id": 3, "type": "exec", "device": "d1" | "sys"/"mod"/"index", "function": "power",
+       "args": {...} | [...], "timeout": 5}                -> {"id": 3, "type": "success", "result": <JSON>}
+      {"id": 4, "type": "ping"}                            -> {"id": 4, "type": "success"}
+
+    Failures: {"id": ..., "type": "error", "code": ..., "message": ...}. Closing the socket
+    drops all of its subscriptions. Messages go out in order through one writer task; a
+    client that falls MAX_WS_BACKLOG messages behind is disconnected (code 1013).
+    """
+
+    def __init__(self, server: ApiServer, ws: web.WebSocketResponse, level: str) -> None:
+        self.server = server
+        self.ws = ws
+        self.level = level
+        self.subscriber = server.subs.subscriber()
+        self.out: deque[str] = deque()
+        self.wake = asyncio.Event()
+        self.calls: set[asyncio.Task] = set()
+        self.closed = False
+        self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    # -- output --------------------------------------------------------------------------
+    def send(self, text: str) -> None:
+        if self.closed:
+            return
+        out = self.out
+        out.append(text)
+        if len(out) > MAX_WS_BACKLOG:
+            out.clear()
+            self.closed = True
+            log.warning("API: WebSocket client fell %d messages behind; disconnecting it", MAX_WS_BACKLOG)
+            asyncio.get_running_loop().create_task(self.ws.close(code=1013, message=b"client too slow"))
+            return
+        self.wake.set()
+
+    async def _write(self) -> None:
+        out, ws, wake = self.out, self.ws, self.wake
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while out:
+                    await ws.send_str(out.popleft())
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            pass
+        except Exception:  # noqa: BLE001 - a broken client must not take anything else down
+            log.debug("API: WebSocket writer stopped", exc_info=True)
+
+    def reply(self, rid: Any, **fields: Any) -> None:
+        self.send(orjson.dumps({"id": rid, "type": "success", **fields}).decode())
+
+    def error(self, rid: Any, code: str, message: str) -> None:
+        self.send(orjson.dumps({"id": rid, "type": "error", "code": code, "message": message}).decode())
+
+    # -- input ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        async for msg in self.ws:
+            if msg.type == WSMsgType.TEXT:
+                self.handle(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                self.error(None, "bad_request", "binary messages are not understood; send JSON text")
+            else:
+                break
+
+    def handle(self, text: str) -> None:
+        try:
+            req = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            return self.error(None, "bad_request", f"message is not valid JSON: {e}")
+        if not isinstance(req, dict):
+            return self.error(None, "bad_request", "a message must be a JSON object with \"id\" and \"type\"")
+        rid = req.get("id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (int, str))):
+            return self.error(None, "bad_request", "\"id\" must be a number or a string")
+        kind = req.get("type")
+        try:
+            if kind == "bind":
+                self.bind(rid, req)
+            elif kind == "unbind":
+                self.unbind(rid, req)
+            elif kind == "exec":
+                self.exec(rid, req)
+            elif kind == "ping":
+                self.reply(rid)
+            else:
+                self.error(rid, "bad_request", f"unknown message type {kind!r} (bind, unbind, exec, ping)")
+        except _BadRequest as e:
+            self.error(rid, e.code, e.message)
+        except ExecError as e:
+            self.error(rid, e.code, e.message)
+
+    def bind(self, rid: Any, req: dict) -> None:
+        system, module = _need_str(req, "sys"), _need_str(req, "mod")
+        index, name = _need_index(req), _need_str(req, "name")
+        ref = self.server.subs.new_ref()
+        meta = orjson.dumps({"sys": system, "mod": module, "index": index, "name": name}).decode()
+        head = '{"type":"notify","ref":' + str(ref) + ',"meta":' + meta + ',"value":'
+        send = self.send
+        self.reply(rid, ref=ref)   # the reply goes out before the first value
+        self.subscriber.subscribe(system, module, index, name,  # type: ignore[arg-type]
+                                  lambda _ref, value: send(head + value + "}"), ref=ref)
+
+    def unbind(self, rid: Any, req: dict) -> None:
+        ref = req.get("ref")
+        if isinstance(ref, bool) or not isinstance(ref, int):
+            raise _BadRequest("unbind needs the \"ref\" returned by bind (an integer)")
+        if not self.subscriber.unsubscribe(ref):
+            raise _BadRequest(f"no subscription {ref} on this connection", code="unknown_ref")
+        self.reply(rid)
+
+    def exec(self, rid: Any, req: dict) -> None:
+        fn = _need_str(req, "function")
+        target = _target(req)
+        timeout = _need_timeout(req)
+        if len(self.calls) >= MAX_WS_CALLS:
+            raise _BadRequest(f"too many calls in flight on this connection (max {MAX_WS_CALLS})", code="busy")
+        task = asyncio.get_running_loop().create_task(self._exec(rid, target, fn, req.get("args"), timeout))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+    async def _exec(self, rid: Any, target: Any, fn: str, args: Any, timeout: float | None) -> None:
+        try:
+            result = await self.server.functions.exec(target, fn, args, level=self.level, timeout=timeout)
+        except ExecError as e:
+            return self.error(rid, e.code, e.message)
+        self.send('{"id":' + orjson.dumps(rid).decode() + ',"type":"success","result":' + result + "}")
+
+    async def close(self, code: int = 1000, message: str = "") -> None:
+        self.closed = True
+        self.subscriber.terminate()
+        for t in list(self.calls):
+            t.cancel()
+        self.writer.cancel()
+        if not self.ws.closed:
+            try:
+                await self.ws.close(code=code, message=message.encode())
+            except Exception:  # noqa: BLE001 - the peer may be gone already
+                pass
+
+
+# -- config reload --------------------------------------------------------------------------
+
+class ConfigReloadError(Exception):
+    """The new config was refused; the running one stays."""
+
+
+async def reload_config(sup: Any) -> dict[str, list[str]]:
+    """Re-read the hub's config file and apply it (SIGHUP, `hubhost reload`, POST /reload)."""
+    from . import config as config_mod
+    from .hub import device_systems
+
+    lock = sup.__dict__.setdefault("_reload_lock", asyncio.Lock())
+    async with lock:
+        if sup.config.source is None:
+            raise ConfigReloadError("this hub was not started from a config file")
+        try:
+            new = config_mod.load(sup.config.source)
+        except config_mod.ConfigError as e:
+            log.error("config reload refused, keeping the running config: %s", e)
+            raise ConfigReloadError(str(e)) from None
+        for key in ("redis", "api", "hub_id", "state_dir"):
+            if getattr(new, key) != getattr(sup.config, key):
+                log.warning("config reload: %s changed; that takes effect at the next start", key)
+                setattr(new, key, getattr(sup.config, key))
+        old_systems = set(device_systems(sup.config))
+        report = await sup.apply_config(new)
+        systems = device_systems(new)
+        functions: FunctionHost | None = getattr(sup, "functions", None)
+        if functions is not None:
+            functions.rebuild()
+        subs: Subscriptions | None = getattr(sup, "subscriptions", None)
+        if subs is not None:
+            subs.set_index(systems)
+        mirror = getattr(sup, "mirror", None)
+        if mirror is not None:
+            mirror.set_devices([dev.id for d in new.drivers for dev in d.devices])
+            for system_id, mapping in systems.items():
+                mirror.set_system_index(system_id, mapping)
+            for system_id in old_systems - set(systems):
+                mirror.remove_system(system_id)
+        log.info("config reloaded from %s: %s", sup.config.source,
+                 "; ".join(f"{k} {', '.join(v)}" for k, v in report.items() if v and k != "kept") or "no driver changes")
+        return report
+
+
+# -- wiring ---------------------------------------------------------------------------------
+
+def install(sup: Any) -> None:
+    """Plug functions, subscriptions, the API server and config reload into `sup`."""
+    from .hub import device_systems
+
+    settings = ApiSettings.from_config(sup.config.api or {}, sup.state_dir)
+    subs = Subscriptions(sup.status)
+    functions = FunctionHost(sup, subs, default_timeout=settings.exec_timeout,
+                             driver_level=settings.driver_level, driver_levels=settings.driver_levels)
+    functions.attach()
+    subs.set_index(device_systems(sup.config))
+    server = ApiServer(sup, functions, subs, settings)
+    sup.subscriptions = subs
+    sup.functions = functions
+    sup.api = server
+    if sup.reloader is None:
+        sup.reloader = reload_config
+
+    async def start() -> None:
+        subs.start(asyncio.get_running_loop())
+        if settings.enabled:
+            try:
+                await server.start()
+            except OSError as e:
+                log.error("API not started: %s", e)
+
+    async def stop(s: Any) -> None:
+        await server.stop()
+        subs.stop()
+
+    sup.pre_start_hooks.append(start)
+    sup.shutdown_hooks.append(stop)
