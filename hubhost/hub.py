@@ -27,6 +27,10 @@ def device_systems(config: HubConfig) -> dict[str, dict[str, str]]:
 
 def interface_json(sup: Supervisor, device_id: str) -> str:
     """The `interface/<device_id>` metadata of the device's driver (DESIGN section 5)."""
+    functions = getattr(sup, "functions", None)   # hubhost/functions.py: ordered, validated
+    iface = functions.interface_of(device_id) if functions is not None else None
+    if iface is not None:
+        return iface.text
     md: dict[str, Any] | None = None
     for slot in sup.slots.values():
         if any(d.id == device_id for d in slot.cfg.devices) and slot.rt is not None:
