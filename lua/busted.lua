@@ -111,6 +111,7 @@ function M.new(opts)
   self.root = { kind = "root", hooks = {}, children = {}, names = {} }
   self.root.env = self:exports()
   self.current = self.root
+  M.active = self
   local runner = self
   self.env = setmetatable({}, {
     __index = function(_, k)
@@ -649,4 +650,10 @@ function Runner:run(chunk, ids)
   return self.results
 end
 
-return M
+-- require "busted" in a spec or helper gives the DSL too: busted.describe(...)
+return setmetatable(M, {
+  __index = function(_, k)
+    local runner = rawget(M, "active")
+    return runner and runner.root.env[k] or nil
+  end,
+})
