@@ -579,3 +579,58 @@ def test_short_finds_cost_close_to_native():
             best[which] = min(best[which], bench(FAST_BENCH, mine, which))
     ratio = best["ours"] / best["native"]
     assert ratio < 3.0, best
+
+
+# --- end to end: the sandbox's string methods are these functions ------------------------
+
+SANDBOXED = r"""
+import json, time
+from hubhost.sandbox import LuaError, Sandbox
+sb = Sandbox()
+out = {}
+# Ordinary calls through the string metatable and through string.*: native results.
+out["match"] = [v.decode() for v in sb.run("return ('temp=21.5'):match('^(%w+)=([%d%.]+)')")]
+out["gsub"] = [x.decode() if isinstance(x, bytes) else x
+               for x in sb.run("return string.gsub('a,b,c', ',', ';')")]
+out["gmatch"] = sb.run("local n = 0 for w in ('one two three'):gmatch('%a+') do n = n + 1 end "
+                       "return n")
+out["what"] = sb.lua.eval("function(f) return f ~= string.find and debug.getinfo(f, 'S').what "
+                          "end")(sb.run("return ('').find")).decode()
+# Pathological calls under the sandbox's own CPU limit: the hook fires inside them.
+out["limited"] = {}
+for name, code in {
+    "find": "return ('a'):rep(5000):find('.-.-.-.-b')",
+    "match": "return string.match(('a'):rep(5000), '(.*)(.*)(.*)b')",
+    "gmatch": "for x in ('a'):rep(5000):gmatch('a-a-a-b') do end",
+    "gsub": "return (('a'):rep(5000)):gsub('.-.-.-b', 'x')",
+}.items():
+    sb.sb.arm(0.2, b"test")
+    t0 = time.monotonic()
+    try:
+        sb.run(code)
+        err = None
+    except LuaError as e:
+        err = str(e).splitlines()[0]
+    sb.sb.disarm()
+    out["limited"][name] = [err, time.monotonic() - t0]
+print(json.dumps(out))
+"""
+
+
+def test_sandbox_string_methods_use_the_budgeted_functions():
+    """Sandbox(...).run: ("..."):find & co. give native results, are Lua functions (not the
+    C ones), and a pathological call ends at the sandbox's CPU limit instead of hanging
+    (run in a subprocess so a regression fails on the timeout)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SANDBOXED], capture_output=True, text=True, timeout=60,
+        cwd=PATTERNS_LUA.parent.parent, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["match"] == ["temp", "21.5"]
+    assert res["gsub"] == ["a;b;c", 2]
+    assert res["gmatch"] == 3
+    assert res["what"] == "Lua"
+    for name, (err, wall) in res["limited"].items():
+        assert err is not None and "cpu limit exceeded" in err, (name, err)
+        assert wall < 2.0, (name, wall)
