@@ -118,7 +118,7 @@ def install_parts(sup: Supervisor) -> None:
     """Plug the optional parts (datastore, status, mirror, transports, API) into `sup`."""
     install_mirror(sup)
     install_systemd(sup)
-    for mod_name in ("hubhost.datastore", "hubhost.transport_glue", "hubhost.api"):
+    for mod_name in ("hubhost.datastore", "hubhost.devicelink", "hubhost.api"):
         try:
             mod = __import__(mod_name, fromlist=["install"])
         except ImportError as e:
@@ -130,6 +130,53 @@ def install_parts(sup: Supervisor) -> None:
             install(sup)
 
 
+def install_demo(sup: Supervisor) -> None:
+    """`hubhost run --demo` only: start the simulated devices before the drivers and point
+    each device whose config names a `simulator` at its own one ("projector": a pty,
+    "display": TCP on 127.0.0.1, port picked at start). Normal configs never come here."""
+    from .simulators import DisplaySimulator, ProjectorSimulator
+
+    sims: list[Any] = []
+
+    async def start() -> None:
+        for drv in sup.config.drivers:
+            for dev in drv.devices:
+                kind = dev.config.get("simulator")
+                if kind is None:
+                    continue
+                if kind == "projector":
+                    sim: Any = ProjectorSimulator(link_name=f"tty-{dev.id}")
+                    await sim.start()
+                    dev.transport = "serial"
+                    dev.transport_settings = {**dev.transport_settings, "port": sim.port}
+                elif kind == "display":
+                    sim = DisplaySimulator()
+                    await sim.start()
+                    dev.transport = "tcp"
+                    dev.transport_settings = {**dev.transport_settings, "host": sim.host,
+                                              "port": sim.port}
+                else:
+                    log.error("demo: device %s: unknown simulator %r (projector, display)", dev.id, kind)
+                    continue
+                sims.append(sim)
+                log.info("demo: simulated %s for %s at %s", kind, dev.id,
+                         dev.transport_settings.get("port") if kind == "projector"
+                         else f"{sim.host}:{sim.port}")
+
+    async def stop(s: Supervisor) -> None:
+        for sim in sims:
+            await sim.stop()
+
+    sup.pre_start_hooks.append(start)
+    sup.shutdown_hooks.append(stop)
+
+
 async def run(config: HubConfig, state_dir: Path, *, demo: bool = False) -> int:
     log.info("hubhost starting: hub %s, state in %s%s", config.hub_id, state_dir, " (demo)" if demo else "")
-    return await run_hub(config, state_dir, setup=install_parts)
+
+    def setup(sup: Supervisor) -> None:
+        if demo:
+            install_demo(sup)
+        install_parts(sup)
+
+    return await run_hub(config, state_dir, setup=setup)

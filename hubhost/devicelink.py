@@ -1,0 +1,466 @@
+"""Per-device glue between a transport, its framer, its request queue and the driver.
+
+Threads (DESIGN section 2): transports and request queues live on the asyncio loop; Lua runs
+on the driver's actor thread. A received chunk is framed where framing is cheapest:
+
+* ``delimiter`` / ``length`` / no framing: on the loop, right where the request queue is, so
+  an answer resolves its request without a trip through the driver thread;
+* ``pattern`` (a Lua tokenizer): on the driver thread, then the frames come back to the loop
+  for request matching.
+
+Either way every frame passes the loop's ``RequestQueue.on_frame`` first: a frame that
+answers the request in flight goes to the requester only; every other frame goes to
+``on_receive`` (in arrival order, a batch per actor post). ``device:answer(frame)`` (from
+``on_receive``) marks the request in flight answered.
+
+``connected`` / ``disconnected`` lifecycle handlers follow the transport; the Lua glue sets
+``device.status.connected`` first. Queued requests fail with ``nil, "disconnected"`` when
+the connection drops. A driver's links close when it stops, crashes or restarts; closing
+for those reasons runs no ``disconnected`` handler (the runtime is going away) but still
+sets ``connected`` to false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+import lupa.luajit21 as lupa
+
+from .framing import FramingError, TokenizerError, make_framer
+from .requests import RequestQueue, Result
+from .runtime import DeviceInfo, DriverRuntime
+from .transports import SendBufferFull, Transport, TransportError, make_transport
+
+if TYPE_CHECKING:
+    from .actor import Actor
+    from .supervisor import DriverSlot, Supervisor
+
+log = logging.getLogger("hubhost.device")
+
+MAX_BACKLOG = 4 << 20   # bytes received but not yet handled by the driver, per device
+LUA_BATCH = 256         # frames per call into Lua (varargs stay well under LuaJIT's limits)
+
+
+class _Prefixed(logging.LoggerAdapter):
+    """Names the driver and device in every line, like the driver's own log lines."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.extra['prefix']} {msg}", kwargs
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def framing_spec(table: Any) -> tuple[dict[str, Any], Any]:
+    """A template's Lua ``framing`` table as make_framer's dict, plus the pattern function."""
+    if table is None:
+        return {}, None
+    if lupa.lua_type(table) != "table":
+        raise FramingError(f"framing must be a table, got {lupa.lua_type(table) or type(table).__name__}")
+    spec: dict[str, Any] = {}
+    pattern = None
+    for key, value in table.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+        kind = lupa.lua_type(value)
+        if name == "pattern":
+            if kind != "function":
+                raise FramingError(
+                    f"framing: pattern must be a function (buffer) -> frame, rest, got {kind or type(value).__name__}"
+                )
+            pattern = value
+            spec["pattern"] = True
+        elif kind == "table":
+            items = sorted(value.items(), key=lambda kv: (not isinstance(kv[0], int), kv[0]))
+            if any(not isinstance(k, int) for k, _ in items):
+                raise FramingError(f"framing: {name} must be a list, got a table with named keys")
+            spec[name] = [v for _, v in items]
+        elif kind is not None:
+            raise FramingError(f"framing: {name} must not be a {kind}")
+        else:
+            spec[name] = value
+    return spec, pattern
+
+
+def check_framing(table: Any) -> bytes | None:
+    """For the template check in Lua: the problem with a framing table, or None."""
+    try:
+        spec, _ = framing_spec(table)
+        make_framer(spec, tokenizer=lambda buf: (None, buf))
+    except FramingError as e:
+        return str(e).encode()
+    return None
+
+
+class DeviceLink:
+    """One device's connection: transport + framer + request queue, bridged to its driver.
+
+    Built on the driver thread (framing needs the Lua template); used on the loop, except
+    ``send_from_driver`` / ``_deliver`` / pattern framing, which run on the driver thread.
+    """
+
+    def __init__(self, owner: "DriverLinks", info: DeviceInfo, kind: str,
+                 spec: dict[str, Any], pattern: Any) -> None:
+        self.owner = owner
+        self.id = info.id
+        self.id_b = info.id.encode()
+        self.kind = kind
+        self.log = _Prefixed(log, {"prefix": f"[{owner.slot.id}/{info.id}]"})
+        self.frame_on_loop = pattern is None
+        tokenizer = None
+        if pattern is not None:
+            label = f"framing pattern [{info.id}]".encode()
+            tokenize = owner.lua.tokenize
+
+            def tokenizer(buf: bytes) -> tuple[bytes | None, bytes]:
+                r = tokenize(pattern, buf, label)
+                if not r[0]:
+                    raise FramingError(_text(r[1]))
+                return r[1], r[2]
+
+        self.framer = make_framer(spec, tokenizer=tokenizer, on_overflow=self._overflow)
+        self.transport: Transport = make_transport(
+            kind, info.transport_settings, on_data=self._on_data, on_connected=self._on_connected,
+            on_disconnected=self._on_disconnected, logger=self.log)
+        self.queue = RequestQueue(self.transport.send, logger=self.log, loop=owner.loop)
+        self.connected = False          # written on the loop, read by the driver thread
+        self.closing = False
+        self._posted = 0                # bytes posted to the driver thread (loop writes)
+        self._handled = 0               # bytes it has handled (driver thread writes)
+        self._backlog_warned = False
+        self._tokenizer_failing = False
+        self._no_handler_logged = False
+
+    @property
+    def backlog(self) -> int:
+        """Bytes received but not yet handed to the driver's handlers."""
+        return self._posted - self._handled
+
+    # -- loop thread ---------------------------------------------------------------------
+    async def open(self) -> None:
+        prev = self.owner.previous
+        if prev is not None:
+            await prev.retire()   # e.g. the same serial port held by a runtime that got stuck
+        if self.closing or not self.owner.alive:
+            return
+        await self.transport.open()
+
+    async def close(self) -> None:
+        self.closing = True
+        try:
+            await self.transport.close()
+        finally:
+            self.connected = False
+            self.queue.fail_all("disconnected")
+
+    def _on_connected(self) -> None:
+        self.connected = True
+        self.owner.post(self.owner.lua.connection, self.id_b, True, None)
+
+    def _on_disconnected(self, reason: str) -> None:
+        self.connected = False
+        if self.frame_on_loop:
+            self.framer.reset()
+        else:
+            self.owner.post(self.framer.reset)
+        if not self.closing:
+            self.owner.post(self.owner.lua.connection, self.id_b, False, reason.encode())
+        # after the disconnected handler (actor order): requesters see status false
+        self.queue.fail_all("disconnected")
+
+    def _on_data(self, chunk: bytes) -> None:
+        if self.frame_on_loop:
+            frames = self.framer.feed(chunk)
+            if frames:
+                self._route(frames, len(chunk))
+        elif self._admit(len(chunk)):
+            self.owner.post(self._feed_pattern, chunk)
+
+    def _route(self, frames: list[bytes], nbytes: int) -> None:
+        """Answers go to their requesters, the rest to on_receive."""
+        queue = self.queue
+        if queue.in_flight:
+            frames = [f for f in frames if not queue.on_frame(f)]
+        if frames and self._admit(nbytes):
+            self.owner.post(self._deliver, frames, nbytes)
+
+    def _admit(self, nbytes: int) -> bool:
+        """Bound memory when the driver falls behind: drop, with one warning per burst."""
+        if self.backlog + nbytes > MAX_BACKLOG:
+            if not self._backlog_warned:
+                self._backlog_warned = True
+                self.log.warning("driver is %d bytes behind this device; dropping received data "
+                                 "until it catches up", self.backlog)
+            return False
+        self._backlog_warned = False
+        self._posted += nbytes
+        return True
+
+    def submit(self, rt: DriverRuntime, token: int, data: bytes, options: dict[str, Any]) -> None:
+        """Queue a request from Lua; its handler resumes with (frame, nil) or (nil, reason)."""
+        if self.closing or not self.owner.alive:
+            self.owner.post(rt.resume, token, None, b"disconnected")
+            return
+        try:
+            fut = self.queue.submit(data, **options)
+        except (TypeError, ValueError) as e:
+            self.owner.post(rt.resume, token, None, str(e).encode())
+            return
+
+        def done(f: asyncio.Future[Result]) -> None:
+            frame, reason = f.result() if not f.cancelled() else (None, "cancelled")
+            self.owner.post(rt.resume, token, frame, reason.encode() if reason else None)
+
+        fut.add_done_callback(done)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.transport.send(data)
+        except SendBufferFull as e:
+            self.log.warning("device:send dropped: %s", e)
+        except TransportError as e:
+            self.log.debug("device:send dropped: %s", e)
+
+    def _overflow(self, nbytes: int) -> None:
+        self.log.warning(
+            "dropped an oversized frame (%d bytes or more, max_frame %d); later oversized "
+            "frames are dropped without a warning until a good frame arrives",
+            nbytes, self.framer.max_frame)
+
+    # -- driver thread -------------------------------------------------------------------
+    def send_from_driver(self, data: bytes) -> tuple[bool | None, bytes | None]:
+        if not self.connected:
+            return None, (f"{self.id} is not connected ({self.transport.describe}); "
+                          "wait for the connected handler, or use device:request, which "
+                          "returns nil, \"disconnected\"").encode()
+        self.owner.loop.call_soon_threadsafe(self.write, bytes(data))
+        return True, None
+
+    def _feed_pattern(self, chunk: bytes) -> None:
+        self._handled += len(chunk)
+        try:
+            frames = self.framer.feed(chunk)
+            self._tokenizer_failing = False
+        except TokenizerError as e:
+            frames = e.frames
+            if not self._tokenizer_failing:
+                self._tokenizer_failing = True
+                self.log.error("%s; buffered bytes dropped (further failures are logged at debug "
+                               "level until a frame is cut)", e)
+            else:
+                self.log.debug("%s", e)
+        if frames:
+            # back to the loop, where the request queue takes its answers
+            self.owner.loop.call_soon_threadsafe(self._route, frames, sum(map(len, frames)))
+
+    def _deliver(self, frames: list[bytes], nbytes: int) -> None:
+        """Run on_receive for each frame; re-post the rest after a slice of time."""
+        self._handled += nbytes
+        owner = self.owner
+        if not owner.alive:
+            return
+        receive = owner.lua.receive
+        i, n = 0, len(frames)
+        while i < n:
+            part = frames[i:i + LUA_BATCH]
+            result = owner.rt_call("on_receive", receive, self.id_b, *part)
+            if result is None:   # the glue itself failed (logged): drop this batch
+                return
+            done, has_handler = result
+            if not has_handler and not self._no_handler_logged:
+                self._no_handler_logged = True
+                self.log.warning("the driver has no on_receive; received frames are dropped")
+            i += int(done)
+            if int(done) < len(part):
+                # let timers, answers and other devices in before the rest
+                owner.post(self._deliver, frames[i:], 0)
+                return
+
+
+class DriverLinks:
+    """The links of one driver runtime; retired as a whole when the runtime goes away."""
+
+    def __init__(self, glue: "TransportGlue", slot: "DriverSlot", rt: DriverRuntime,
+                 previous: "DriverLinks | None") -> None:
+        self.glue = glue
+        self.slot = slot
+        self.rt = rt
+        self.actor: Actor = slot.actor  # type: ignore[assignment]
+        self.loop = glue.sup.loop
+        self.previous = previous
+        self.alive = True
+        self.links: dict[str, DeviceLink] = {}
+        self._retire: asyncio.Task[None] | None = None
+        self.lua: Any = None
+
+    def install(self) -> None:
+        """On the driver thread, before the entry chunk: host functions and the Lua glue."""
+        rt = self.rt
+        rt.sandbox.expose(
+            link_open=self.open_device,
+            link_close=self.close_device,
+            link_send=self.send,
+            link_answer=self.answer,
+            link_check_framing=check_framing,
+        )
+        self.lua = rt.sandbox.run_private("devicelink.lua", rt.R, rt.R.caps, rt.sandbox.host,
+                                          rt.sandbox.sb, rt.cpu_limit)
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn on the driver thread, unless this runtime has gone away."""
+        if self.alive:
+            self.actor.post(fn, *args)
+
+    def rt_call(self, label: str, fn: Any, *args: Any) -> Any:
+        # the runtime's guard: a Lua error escaping the glue counts as a failed handler
+        return self.rt._guard(label, fn, *args)
+
+    # -- host functions (driver thread) ----------------------------------------------------
+    def open_device(self, device_id: bytes, driver_kind: Any) -> bool:
+        """A device started: build its link (if it has a transport) and open it on the loop."""
+        dev_id = device_id.decode()
+        info = next((d for d in self.slot.cfg.devices if d.id == dev_id), None)
+        prefix = f"[{self.slot.id}/{dev_id}]"
+        if info is None:
+            return False
+        kind = info.transport or (driver_kind.decode() if driver_kind else None)
+        if kind is None:
+            return False
+        if not driver_kind:
+            log.warning("%s has %s transport settings, but its driver was built with "
+                        "driver_helper.init (no transport): not opened", prefix, kind)
+            return False
+        if info.transport is None:
+            log.error("%s has no transport settings; its driver needs %s (e.g. transport = "
+                      "\"%s\" with its settings in the device's config entry): not opened",
+                      prefix, kind, kind)
+            return False
+        old = self.links.pop(dev_id, None)
+        if old is not None:   # started again (config reload): the new settings win
+            self.loop.call_soon_threadsafe(self._close_link, old)
+        try:
+            spec, pattern = framing_spec(self.rt.R.driver().framing)
+            link = DeviceLink(self, info, kind, spec, pattern)
+        except (FramingError, ValueError) as e:
+            log.error("%s cannot set up its %s transport: %s", prefix, kind, e)
+            return False
+        self.links[dev_id] = link
+        self.loop.call_soon_threadsafe(self._open_link, link)
+        return True
+
+    def close_device(self, device_id: bytes) -> None:
+        link = self.links.pop(device_id.decode(), None)
+        if link is not None:
+            self.loop.call_soon_threadsafe(self._close_link, link)
+
+    def send(self, device_id: bytes, data: bytes) -> tuple[bool | None, bytes | None]:
+        link = self.links.get(device_id.decode())
+        if link is None:
+            return None, (device_id + b" has no transport (it needs transport = ... and its "
+                          b"settings in its config entry)")
+        return link.send_from_driver(data)
+
+    def answer(self, device_id: bytes, frame: Any) -> None:
+        link = self.links.get(device_id.decode())
+        if link is not None:
+            self.loop.call_soon_threadsafe(link.queue.answer, frame if frame else b"")
+
+    def request(self, token: int, arg: Any) -> None:
+        """The `request` host wait: arg = {id, data, timeout, retries, priority, name, match}."""
+        dev_id, data = arg[1], arg[2]
+        link = self.links.get(dev_id.decode())
+        if link is None:
+            self.post(self.rt.resume, token, None, b"disconnected")
+            return
+        options: dict[str, Any] = {"timeout": arg[3], "retries": arg[4], "priority": arg[5]}
+        if arg[6]:
+            options["name"] = arg[6].decode("utf-8", "replace")
+        if arg[7]:
+            prefix = bytes(arg[7])
+            options["match"] = lambda frame, p=prefix: frame.startswith(p)
+        self.loop.call_soon_threadsafe(link.submit, self.rt, token, data, options)
+
+    # -- loop thread -----------------------------------------------------------------------
+    def _open_link(self, link: DeviceLink) -> None:
+        if self.alive and not link.closing:
+            self.glue.sup.spawn(self._guarded(link.open(), link, "open"))
+
+    def _close_link(self, link: DeviceLink) -> None:
+        self.glue.sup.spawn(self._guarded(link.close(), link, "close"))
+
+    @staticmethod
+    async def _guarded(coro: Any, link: DeviceLink, what: str) -> None:
+        try:
+            await coro
+        except Exception:
+            link.log.exception("%s failed", what)
+
+    def retire(self) -> asyncio.Task[None]:
+        """Close every link (once); ``connected`` becomes false. Loop thread."""
+        if self._retire is None:
+            self.alive = False
+            self._retire = self.loop.create_task(self._close_all())
+        return self._retire
+
+    async def _close_all(self) -> None:
+        links = list(self.links.values())
+        await asyncio.gather(*(self._guarded(link.close(), link, "close") for link in links))
+        status = self.glue.sup.status
+        for link in links:
+            status.set(link.id, "connected", "false")
+
+
+class TransportGlue:
+    """Plugs device links into a supervisor: runtime hook, request wait, crash and stop."""
+
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+        self.drivers: dict[str, DriverLinks] = {}   # slot id -> links of its current runtime
+
+    def link(self, driver_id: str, device_id: str) -> DeviceLink | None:
+        """The live link of a device (for tests, benchmarks and diagnostics)."""
+        dl = self.drivers.get(driver_id)
+        return dl.links.get(device_id) if dl is not None else None
+
+    def _runtime_hook(self, slot: "DriverSlot", rt: DriverRuntime) -> None:
+        previous = self.drivers.get(slot.id)
+        dl = DriverLinks(self, slot, rt, previous)
+        dl.install()
+        self.drivers[slot.id] = dl
+        if previous is not None:
+            # normally retired by the crash/stop hook already; a stuck runtime is not
+            self.sup.loop.call_soon_threadsafe(previous.retire)
+
+    def _wait_request(self, slot: "DriverSlot", rt: DriverRuntime, token: int, arg: Any) -> None:
+        dl = self.drivers.get(slot.id)
+        if dl is None or dl.rt is not rt:
+            if slot.actor is not None:
+                slot.actor.post(rt.resume, token, None, b"disconnected")
+            return
+        dl.request(token, arg)
+
+    def _crash_hook(self, slot: "DriverSlot", rt: DriverRuntime, actor: Any) -> None:
+        dl = self.drivers.get(slot.id)
+        if dl is not None and dl.rt is rt:
+            dl.retire()
+
+    async def _stop_hook(self, slot: "DriverSlot", rt: DriverRuntime, actor: Any) -> None:
+        dl = self.drivers.get(slot.id)
+        if dl is not None:
+            await dl.retire()
+
+
+def install(sup: "Supervisor") -> TransportGlue:
+    """Give every driver runtime of ``sup`` its device links (hub.install_parts calls this)."""
+    glue = TransportGlue(sup)
+    sup.runtime_hooks.append(glue._runtime_hook)
+    sup.wait_handlers["request"] = glue._wait_request
+    sup.crash_hooks.append(glue._crash_hook)
+    sup.stop_hooks.append(glue._stop_hook)
+    sup.devicelinks = glue  # type: ignore[attr-defined]
+    return glue
+
+
+__all__ = ["DeviceLink", "DriverLinks", "TransportGlue", "install", "check_framing", "framing_spec"]
