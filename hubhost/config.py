@@ -167,6 +167,23 @@ def _api(c: _Checker, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+def _check_transport(c: _Checker, key: str, kind: str, settings: dict[str, Any]) -> None:
+    """Transport settings are checked here, at start, by the transports' own validator;
+    the message names the offending setting's key."""
+    from .transports import TRANSPORT_KEYS, validate_settings
+
+    for name in settings:
+        if name not in TRANSPORT_KEYS[kind]:
+            c.fail(f"{key}.{name}", f"unknown key for a {kind} device "
+                   f"(allowed: {', '.join(sorted(DEVICE_KEYS))}, {', '.join(TRANSPORT_KEYS[kind])})")
+    try:
+        validate_settings(kind, settings)
+    except ValueError as e:
+        m = re.search(r"transport: (\w+)", str(e))
+        name = m.group(1) if m and m.group(1) in TRANSPORT_KEYS[kind] else "transport"
+        c.fail(f"{key}.{name}", str(e))
+
+
 def load(path: str | Path) -> HubConfig:
     """Read and check a hub config file."""
     path = Path(path)
@@ -264,6 +281,8 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
             settings = {kk: vv for kk, vv in dev.items() if kk not in DEVICE_KEYS}
             if settings and transport is None:
                 c.fail(f"{dk}.{next(iter(settings))}", "unknown key (transport settings need `transport = ...`)")
+            if transport is not None:
+                _check_transport(c, dk, transport, settings)
             dc.devices.append(DeviceInfo(id=dev_id, label=label, config=conf, system=system,
                                          module=module, index=index, transport=transport,
                                          transport_settings=settings))
