@@ -27,8 +27,26 @@ _RESERVED_MARKERS = frozenset({
 _TAGS_KEY = pytest.StashKey[set[str]]()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "lua_spec_timeout",
+        "seconds a Lua spec's test, hook or describe body may run before it is stopped "
+        f"(0 = no limit; default {specrun.DEFAULT_TIME_LIMIT:g})",
+        default=str(specrun.DEFAULT_TIME_LIMIT),
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_TAGS_KEY] = set()
+
+
+def _time_limit(config: pytest.Config) -> float | None:
+    raw = config.getini("lua_spec_timeout")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise pytest.UsageError(f"lua_spec_timeout: {raw!r} is not a number of seconds") from None
+    return value if value > 0 else None
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -73,7 +91,7 @@ class SpecFile(pytest.File):
 
     def collect(self) -> Iterator[SpecItem]:
         try:
-            tests = specrun.collect(self.path)
+            tests = specrun.collect(self.path, _time_limit(self.config))
         except SpecLoadError as exc:
             text = exc.message if not exc.trace else f"{exc.message}\n{exc.trace}"
             raise self.CollectError(f"cannot load Lua spec file:\n{text}") from None
@@ -97,7 +115,7 @@ class SpecFile(pytest.File):
                 batch.append(item)
             ids = [i.spec.id for i in batch]
             try:
-                self._results.update(specrun.run(self.path, ids))
+                self._results.update(specrun.run(self.path, ids, _time_limit(self.config)))
             except SpecLoadError as exc:
                 failed = SpecResult(status="error", message=exc.message, trace=exc.trace)
                 self._results.update({i: failed for i in ids})
@@ -120,16 +138,19 @@ def _located(message: str | None, file: str | None, line: int | None, fallback: 
     return text or fallback
 
 
-def _render(o: Outcome | SpecResult, where: str) -> str:
+def _render(o: Outcome | SpecResult, where: str, spec_file: str) -> str:
+    """Lua errors get their traceback; assertion failures only when they happened outside
+    the spec file (in a driver module), to show which spec line led there."""
     text = _located(o.message, o.file, o.line, where)
-    if o.status == "error" and o.trace and o.trace.strip() != "stack traceback:":
+    shows_trace = o.status == "error" or (o.file is not None and o.file != spec_file)
+    if shows_trace and o.trace and o.trace.strip() != "stack traceback:":
         text += "\n" + o.trace
     return text
 
 
-def _render_hook(o: Outcome, where: str) -> str:
+def _render_hook(o: Outcome, where: str, spec_file: str) -> str:
     block = f" of '{o.block}'" if o.block else (" of the file" if o.block == "" else "")
-    return f"{o.hook or 'hook'}{block} failed ({o.status}):\n{_render(o, where)}"
+    return f"{o.hook or 'hook'}{block} failed ({o.status}):\n{_render(o, where, spec_file)}"
 
 
 class SpecItem(pytest.Item):
@@ -150,17 +171,20 @@ class SpecItem(pytest.Item):
     def _where(self) -> str:
         return f"{self.path.name}:{self.spec.line}"
 
+    def _spec_file(self) -> str:
+        return specrun.display_name(self.path)
+
     def setup(self) -> None:
         if not self.runs_lua:
             return
         self._result = self.parent.result_for(self)
         if self._result.setup is not None:
-            raise SpecError(_render_hook(self._result.setup, self._where()))
+            raise SpecError(_render_hook(self._result.setup, self._where(), self._spec_file()))
 
     def runtest(self) -> None:
         if self.spec.error is not None:
             raise SpecError(_render(
-                SpecResult("error", self.spec.error, self.spec.trace), self._where()))
+                SpecResult("error", self.spec.error, self.spec.trace), self._where(), self._spec_file()))
         if self.spec.pending:
             raise pytest.skip.Exception("pending", _use_item_location=True)
         r = self._result
@@ -169,12 +193,12 @@ class SpecItem(pytest.Item):
             raise pytest.skip.Exception(f"pending: {r.message}" if r.message else "pending",
                                         _use_item_location=True)
         if r.status in ("failure", "error"):
-            raise SpecError(_render(r, self._where()))
+            raise SpecError(_render(r, self._where(), self._spec_file()))
 
     def teardown(self) -> None:
         r, self._result = self._result, None
         if r is not None and r.teardown is not None:
-            raise SpecError(_render_hook(r.teardown, self._where()))
+            raise SpecError(_render_hook(r.teardown, self._where(), self._spec_file()))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, SpecError):

@@ -123,16 +123,23 @@ def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _display(spec_path: Path) -> str:
+def display_name(spec_path: Path) -> str:
+    """How Lua names the spec file in messages and tracebacks (its chunk name)."""
     return chunkname(spec_path)[1:].decode("utf-8", "replace")
+
+
+DEFAULT_TIME_LIMIT = 60.0
+"""Seconds one describe body, hook or test may run before it is stopped (wall time spent
+running, the sandbox's CPU budget). Lua inside C cannot be interrupted by Python signals,
+so without it a runaway spec would hang pytest for good."""
 
 
 class _Pass:
     """One runtime with busted loaded and the spec chunk compiled in the runner's env."""
 
-    def __init__(self, spec_path: Path) -> None:
+    def __init__(self, spec_path: Path, time_limit: float | None) -> None:
         self.path = spec_path
-        self.name = _display(spec_path)
+        self.name = display_name(spec_path)
         try:
             source = spec_path.read_bytes()
         except OSError as exc:
@@ -149,6 +156,9 @@ class _Pass:
             b"traceback": traceback,
             b"internal_prefixes": lua.table_from(prefixes),
         })
+        if time_limit:
+            opts[b"arm"], opts[b"disarm"] = sb.sb[b"arm"], sb.sb[b"disarm"]
+            opts[b"time_limit"] = float(time_limit)
         try:
             busted = env[b"require"](b"busted")
             self.runner = busted[b"new"](opts)
@@ -163,9 +173,9 @@ class _Pass:
             raise SpecLoadError(f"{self.name}: spec runner failed: {_text(exc.args[0])}") from exc
 
 
-def collect(spec_path: Path) -> list[SpecTest]:
+def collect(spec_path: Path, time_limit: float | None = DEFAULT_TIME_LIMIT) -> list[SpecTest]:
     """The tests of a spec file in file order; SpecLoadError if the file cannot load."""
-    p = _Pass(spec_path)
+    p = _Pass(spec_path, time_limit)
     out = p.call(b"collect", p.chunk)
     file_error = out[b"file_error"]
     if file_error is not None:
@@ -200,9 +210,10 @@ def _outcome(t: Any) -> Outcome | None:
     )
 
 
-def run(spec_path: Path, ids: Sequence[str]) -> dict[str, SpecResult]:
+def run(spec_path: Path, ids: Sequence[str],
+        time_limit: float | None = DEFAULT_TIME_LIMIT) -> dict[str, SpecResult]:
     """Run the given test ids of a spec file in one pass; every id gets a result."""
-    p = _Pass(spec_path)
+    p = _Pass(spec_path, time_limit)
     lua = p.sb.lua
     wanted = [i.encode() for i in ids]
     results = p.call(b"run", p.chunk, lua.table_from(wanted))

@@ -93,12 +93,16 @@ Runner.__index = Runner
 --- the spec's globals fall back to), getinfo (capability, see luassert.util),
 --- traceback (fallback capability), internal_prefixes (chunk-name prefixes
 --- of library and host code, dropped from locations and tracebacks; the
---- library's own chunks are recognised without them).
+--- library's own chunks are recognised without them), and optionally
+--- arm(seconds, label)/disarm() -> abort message with time_limit: the host's
+--- CPU budget, armed around every piece of user code so a runaway spec
+--- fails alone instead of hanging the run.
 function M.new(opts)
   local self = setmetatable({}, Runner)
   self.base = opts.env
   self.getinfo = opts.getinfo
   self.traceback = opts.traceback
+  self.arm, self.disarm, self.time_limit = opts.arm, opts.disarm, opts.time_limit
   self.prefixes = opts.internal_prefixes or {}
   util.set_host({
     getinfo = opts.getinfo,
@@ -260,11 +264,19 @@ end
 function Runner:safe(el, fn)
   self:push(el)
   local outcome
+  local armed = self.arm ~= nil and self.time_limit ~= nil
+  if armed then self.arm(self.time_limit, "spec") end
   local ok = xpcall(fn, function(e)
     local status = errortype(e)
     local info = self:user_frame()
+    local aborted = armed and self.disarm()
     local msg
-    if status == "pending" then
+    if aborted then
+      status = "error"
+      msg = string.format("%s exceeded the time limit of %g s (%s) and was stopped",
+        el.descriptor or "spec", self.time_limit, tostring(aborted))
+      if info then msg = util.srcname(info) .. ":" .. tostring(info.currentline) .. ": " .. msg end
+    elseif status == "pending" then
       msg = e.message ~= nil and tostring(e.message) or nil
     else
       local raw = e
@@ -286,10 +298,11 @@ function Runner:safe(el, fn)
       message = msg,
       line = info and info.currentline or nil,
       file = info and util.srcname(info) or nil,
-      trace = status == "error" and self:user_traceback() or nil,
+      trace = status ~= "pending" and self:user_traceback() or nil,
     }
     return e
   end)
+  if armed then self.disarm() end
   self:pop()
   if ok then return nil end
   return outcome or { status = "error", message = "error in error handling" }

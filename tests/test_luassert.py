@@ -299,7 +299,7 @@ def test_case(results: tuple[Path, dict[str, specrun.SpecResult]], name: str, bo
     assert r.message is not None
     # Every failure and error points at the case's own line of the spec file.
     line = next(i for i, text in enumerate(spec.read_text().splitlines(), 1) if text.strip() == body)
-    prefix = f"{specrun._display(spec)}:{line}: "
+    prefix = f"{specrun.display_name(spec)}:{line}: "
     assert r.message.startswith(prefix), r.message
     assert _normalize(r.message[len(prefix):]) == message
     assert r.line == line
@@ -312,7 +312,7 @@ def test_function_formatting(tmp_path: Path) -> None:
                     "it('differs', function() assert.are.equal(f, g) end)\n")
     (t,) = specrun.collect(spec)
     r = specrun.run(spec, [t.id])[t.id]
-    name = specrun._display(spec)
+    name = specrun.display_name(spec)
     assert r.status == "failure"
     assert _normalize(r.message) == (
         f"{name}:3: Expected objects to be equal.\nPassed in:\nfunction: 0x… @ line 2 in @{name}\n"
@@ -334,8 +334,8 @@ def test_failure_inside_a_driver_module_points_at_the_module(tmp_path: Path) -> 
         "it('errors in helper', function()\n  helper.explode()\nend)\n")
     tests = specrun.collect(spec)
     res = specrun.run(spec, [t.id for t in tests])
-    helper = specrun._display(tmp_path / "helper.lua")
-    name = specrun._display(spec)
+    helper = specrun.display_name(tmp_path / "helper.lua")
+    name = specrun.display_name(spec)
     fail = res["fails in helper"]
     assert fail.status == "failure"
     assert fail.message == (f"{helper}:4: Expected objects to be the same.\nPassed in:\n(boolean) false\n"

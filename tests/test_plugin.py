@@ -430,3 +430,53 @@ def test_require_from_the_driver_folder(pytester: pytest.Pytester) -> None:
         end)
     """)
     run(pytester).assert_outcomes(passed=2)
+
+
+def test_runaway_code_is_stopped(pytester: pytest.Pytester) -> None:
+    """Lua running in the VM cannot be interrupted by Python's signals: the sandbox's CPU
+    budget stops a looping test (or describe body) and the rest of the file still runs."""
+    spec(pytester, "loop_spec", """
+        describe("loops", function()
+          it("forever", function()
+            local n = 0
+            while true do n = n + 1 end
+          end)
+          it("still runs", function() assert.truthy(true) end)
+        end)
+        describe("looping body", function()
+          while true do end
+        end)
+    """)
+    result = run(pytester, "-o", "lua_spec_timeout=0.3")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines([
+        "loop_spec.lua:4: it exceeded the time limit of 0.3 s (cpu limit exceeded) and was stopped",
+        "stack traceback:",
+        "\tloop_spec.lua:4: in function <loop_spec.lua:2>",
+    ])
+    assert "loop_spec.lua:9: describe exceeded the time limit of 0.3 s" in result.stdout.str()
+
+
+def test_failure_in_a_driver_module_shows_the_spec_line(pytester: pytest.Pytester) -> None:
+    spec(pytester, "drv/checks", """
+        local assert = require "luassert"
+        return { positive = function(x) assert.is_true(x > 0) end }
+    """)
+    spec(pytester, "drv/spec/checks_spec", """
+        local checks = require "checks"
+        it("rejects negatives", function()
+          checks.positive(-1)
+        end)
+    """)
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "drv/checks.lua:2: Expected objects to be the same.",
+        "Passed in:",
+        "(boolean) false",
+        "Expected:",
+        "(boolean) true",
+        "stack traceback:",
+        "\tdrv/checks.lua:2: in function 'positive'",
+        "\tdrv/spec/checks_spec.lua:3: in function <drv/spec/checks_spec.lua:2>",
+    ])
