@@ -62,17 +62,17 @@ def test_infinite_loop_is_aborted_and_other_drivers_keep_ticking(tmp_path: Path)
 
     async def main() -> None:
         async with running_hub(cfg, tmp_path / "state") as (sup, cap):
-            await cap.wait_for("aborted", timeout=4, count=1)
+            await cap.wait_for(" aborted: ", timeout=4, count=1)
             start = cap.times("spin start")[0]
-            aborted = [r.created for r in cap.records if "aborted" in r.getMessage()][0]
+            aborted = [r.created for r in cap.records if " aborted: " in r.getMessage()][0]
             assert aborted - start <= 1.0 + 0.5, aborted - start
-            msg = cap.lines("aborted")[0]
+            msg = cap.lines(" aborted: ")[0]
             assert "[spinner]" in msg and "timer spin" in msg and "cpu limit" in msg
             await cap.wait_for("later event ran", timeout=2)
             # the other driver's 100 ms timer kept firing while the spinner spun
             assert _max_gap(cap.times("tick"), start + 0.05, aborted) < 0.35
             await cap.wait_for("still alive", timeout=4)
-            assert len(cap.lines("aborted")) >= 2
+            assert len(cap.lines(" aborted: ")) >= 2
             assert sup.slots["spinner"].state == "running"
 
     run(main())
@@ -153,7 +153,7 @@ def test_memory_bomb_is_stopped_at_the_limit(tmp_path: Path) -> None:
         async with running_hub(cfg, tmp_path / "state") as (sup, cap):
             await cap.wait_for("after bomb", timeout=8)
             peak = _rss_kib()
-            aborted = cap.lines("aborted")
+            aborted = cap.lines(" aborted: ")
             assert any("timer bomb aborted" in x for x in aborted), aborted
             assert any("timer unique-bomb aborted: memory limit of 32 MiB reached" in x for x in aborted), aborted
             assert all("[spinner]" in x for x in aborted)
