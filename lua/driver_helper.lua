@@ -3,6 +3,7 @@
 local caps = select(2, ...)
 local log = require "log"
 require "driver_functions"   -- functions, metadata, driver:system(): plugs into caps
+require "datastore"          -- driver.datastore, device.persistent_store: plugs into caps
 
 local type, pairs, ipairs, tostring, error, setmetatable, select =
   type, pairs, ipairs, tostring, error, setmetatable, select
@@ -139,6 +140,13 @@ function Device:request(bytes, opts)
   return caps.request(self.id, bytes, opts)
 end
 
+--- From on_receive: mark the request in flight answered; the requester gets `frame` (or "").
+-- For answers that span several frames or need the driver's judgement.
+function Device:answer(frame)
+  if not caps.answer then error("device:answer: this driver has no transport", 2) end
+  return caps.answer(self.id, frame)
+end
+
 function Device:emit(name, value)
   self.status[name] = value
 end
@@ -200,13 +208,13 @@ local function build(template, transport, level)
 end
 
 --- Build a driver with no transport (timers, API functions, other drivers).
-function driver_helper.init(template) return build(template, nil, 2) end
+function driver_helper.init(template) return (build(template, nil, 2)) end  -- not a tail call: errors point at the caller
 
 --- Build a driver whose devices talk over a serial line / TCP / UDP (see the transports
 -- section of the README for the device settings).
-function driver_helper.init_serial(template) return build(template, "serial", 2) end
-function driver_helper.init_tcp(template) return build(template, "tcp", 2) end
-function driver_helper.init_udp(template) return build(template, "udp", 2) end
+function driver_helper.init_serial(template) return (build(template, "serial", 2)) end  -- not a tail call: errors point at the caller
+function driver_helper.init_tcp(template) return (build(template, "tcp", 2)) end  -- not a tail call: errors point at the caller
+function driver_helper.init_udp(template) return (build(template, "udp", 2)) end  -- not a tail call: errors point at the caller
 
 --- Yield the current handler for `seconds` (other events of this driver keep running).
 function driver_helper.sleep(seconds) return caps.sleep(seconds) end
