@@ -231,7 +231,10 @@ local function sorted_keys(t)
 end
 
 -- One param spec ({ "Type", default } / "Type" / { "Type", optional = true }) -> entry.
+-- `level` arguments: the caller's error level for the template's author; each function
+-- adds its own frame.
 local function param_entry(fname, pname, spec, level)
+  level = level + 1
   local where = "template.functions." .. fname .. ".params." .. tostring(pname)
   if type(pname) ~= "string" or not str_find(pname, "^[%a_][%w_]*$") then
     bad(str_format("template.functions.%s: parameter name %s must be an identifier", fname, tostring(pname)), level)
@@ -256,6 +259,7 @@ end
 
 -- params in map form (sorted by name) or list form ({ {"a","Int32"}, {"b","Int32",2} }).
 local function param_list(fname, params, level)
+  level = level + 1
   if params == nil then return {} end
   if type(params) ~= "table" then
     bad("template.functions." .. fname .. ".params must be a table, got " .. type(params), level)
@@ -272,20 +276,21 @@ local function param_list(fname, params, level)
       if type(p) ~= "table" then
         bad(str_format("template.functions.%s.params[%d] must be { \"name\", \"Type\", default? }", fname, i), level)
       end
-      local e = param_entry(fname, p[1], { p[2], p[3], optional = p.optional }, level + 1)
+      local e = param_entry(fname, p[1], { p[2], p[3], optional = p.optional }, level)
       if seen[e.name] then bad(str_format("template.functions.%s.params: %s appears twice", fname, e.name), level) end
       seen[e.name] = true
       list[i] = e
     end
   else
     for _, pname in ipairs(sorted_keys(params)) do
-      list[#list + 1] = param_entry(fname, pname, params[pname], level + 1)
+      list[#list + 1] = param_entry(fname, pname, params[pname], level)
     end
   end
   return list
 end
 
 local function check_string_list(what, v, level)
+  level = level + 1
   if type(v) ~= "table" then bad(what .. " must be a list of names, got " .. type(v), level) end
   local ok, kind = pcall(M.table_kind, v)
   if not ok or kind == "object" then bad(what .. " must be a list of names", level) end
