@@ -180,7 +180,7 @@ class Sandbox:
         try:
             if kind == b"lib":
                 return trusted_bytecode(real, name_b), name_b, kind
-            return read_source(real), name_b, kind
+            return read_source(real), chunkname(real), kind
         except FileNotFoundError:
             _resolved.pop(cache_key, None)
             return self._find_module(name)
@@ -197,7 +197,12 @@ class Sandbox:
                     real = candidate.resolve()
                     if not real.is_relative_to(root):
                         continue  # a symlink pointing out of the root: not ours to load
-                    return real, chunkname(real), kind
+                    if kind == b"lib":
+                        # a stable name: the bytecode is cached per process, whatever the cwd
+                        shown = b"@hubhost/lua/" + str(real.relative_to(root)).encode()
+                    else:
+                        shown = b""  # driver files are named afresh at each load
+                    return real, shown, kind
         return None
 
     # -- running code --------------------------------------------------------------------
