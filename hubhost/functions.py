@@ -166,6 +166,8 @@ def _check_one(kind: str, v: Any) -> Any:
     if kind == "Float64":
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return _NO
+        if isinstance(v, int) and not -2**63 <= v < 2**63:
+            v = float(v)   # too big for Lua's integer path; a double is what Float64 means
         return v if math.isfinite(v) else _NO
     if kind == "String":
         return v if isinstance(v, str) else _NO
@@ -180,10 +182,29 @@ def _check_one(kind: str, v: Any) -> Any:
 _RANGES = {"Int32": " (-2147483648..2147483647)", "Int64": " (-2^63..2^63-1)"}
 
 
+_I64 = 2**63
+
+
+def _fits_lua(v: Any, depth: int = 0) -> bool:
+    """Lua numbers come from C int64 or double: bigger integers cannot cross (lupa)."""
+    if isinstance(v, int):
+        return -_I64 <= v < _I64
+    if depth > 64:
+        return False
+    if isinstance(v, list):
+        return all(_fits_lua(x, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return all(_fits_lua(x, depth + 1) for x in v.values())
+    return True
+
+
 def _check(fn: Function, p: Param, v: Any) -> Any:
     for kind in p.alts:
         r = _check_one(kind, v)
         if r is not _NO:
+            if not _fits_lua(r):
+                raise ExecError("bad_args", f"{fn.name}: argument '{p.name}' holds an integer outside "
+                                "-2^63..2^63-1 or is nested deeper than 64 levels")
             return r
     hint = _RANGES.get(p.type, "")
     raise ExecError("bad_args", f"{fn.name}: argument '{p.name}' must be {p.type}{hint}, got {_shown(v)}")
@@ -399,8 +420,13 @@ class FunctionHost:
         if side is None:
             self._fn_done(rt, cid, False, b"the driver is not loaded")
             return
+        try:
+            lua_args = to_lua(rt.lua, bound)
+        except (OverflowError, TypeError, LuaError) as e:   # validation should have caught it
+            self._fn_done(rt, cid, False, f"arguments could not be passed to Lua: {e}".encode())
+            return
         rt.call(f"function {name} [{device_id}]", side.invoke, side.driver, device_id.encode(),
-                name.encode(), to_lua(rt.lua, bound), cid)
+                name.encode(), lua_args, cid)
 
     def _fn_done(self, rt: DriverRuntime, cid: int, ok: bool, payload: bytes) -> None:
         """host.fn_done from lua/driver_functions.lua (driver thread)."""

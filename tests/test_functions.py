@@ -159,6 +159,10 @@ def test_bind_args_named_positional_defaults_and_messages() -> None:
     assert bind_args(task, [7]) == {"name": 7}
     assert bad_args(task, [[1]]) == "perform_task: argument 'name' must be String|Int32, got array of 1 item"
     assert bind_args(fn_of({}), None) == {}
+    # what Lua cannot hold is refused here, not lost on the way
+    assert bad_args(fn_of({"x": ["JSON"]}), [[2**64]]) == ("f: argument 'x' holds an integer outside "
+                                                           "-2^63..2^63-1 or is nested deeper than 64 levels")
+    assert bind_args(fn_of({"x": ["Float64"]}), [10**30]) == {"x": 1e30}
 
 
 KINDS = {
@@ -167,8 +171,8 @@ KINDS = {
     "Int64": st.integers(-2**63, 2**63 - 1),
     "Float64": st.floats(allow_nan=False, allow_infinity=False) | st.integers(-2**53, 2**53),
     "String": st.text(max_size=20),
-    "Array": st.lists(st.integers(), max_size=3),
-    "Object": st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    "Array": st.lists(st.integers(-2**63, 2**63 - 1), max_size=3),
+    "Object": st.dictionaries(st.text(max_size=5), st.integers(-2**63, 2**63 - 1), max_size=3),
 }
 ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=8)
                         | st.floats(allow_nan=False, allow_infinity=False),
