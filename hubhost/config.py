@@ -131,7 +131,7 @@ def _api(c: _Checker, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     out["tcp"] = None
     if tcp:
         m = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", tcp)
-        if not m or not 0 < int(m.group(2)) < 65536:
+        if not m or not 0 <= int(m.group(2)) < 65536:   # port 0: any free port (tests)
             c.fail("api.tcp", f"must be \"host:port\" such as \"127.0.0.1:8765\", got {tcp!r}")
         out["tcp"] = (m.group(1) or "127.0.0.1", int(m.group(2)))
     tokens = c.typed(raw, "tokens", "api.tokens", (list,), "an array of tables ([[api.tokens]])", [])
