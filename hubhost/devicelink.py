@@ -401,15 +401,14 @@ class DriverLinks:
         """Close every link (once); ``connected`` becomes false. Loop thread."""
         if self._retire is None:
             self.alive = False
-            self._retire = self.loop.create_task(self._close_all())
+            links = list(self.links.values())
+            for link in links:   # at once: nothing of this runtime talks to it any more
+                self.glue.sup.status.set(link.id, "connected", "false")
+            self._retire = self.loop.create_task(self._close_all(links))
         return self._retire
 
-    async def _close_all(self) -> None:
-        links = list(self.links.values())
+    async def _close_all(self, links: list[DeviceLink]) -> None:
         await asyncio.gather(*(self._guarded(link.close(), link, "close") for link in links))
-        status = self.glue.sup.status
-        for link in links:
-            status.set(link.id, "connected", "false")
 
 
 class TransportGlue:
