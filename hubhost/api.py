@@ -53,6 +53,7 @@ MAX_WS_CALLS = 64                # exec requests in flight per WebSocket
 HTTP_STATUS = {"unknown_device": 404, "unknown_function": 404, "forbidden": 403, "bad_args": 400,
                "driver_error": 502, "timeout": 504}
 JSON_TYPE = "application/json"
+LEVEL = web.RequestKey("level", str)     # the caller's security level, set by the middleware
 
 
 # -- settings and sockets -------------------------------------------------------------------
@@ -277,7 +278,7 @@ class ApiServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         try:
-            request["level"] = self.level_for(request)
+            request[LEVEL] = self.level_for(request)
             return await handler(request)
         except ExecError as e:
             return _json_response(_error_body(e.code, e.message), HTTP_STATUS.get(e.code, 400))
@@ -377,7 +378,7 @@ class ApiServer:
             raise _BadRequest("body must be a JSON object with the target, \"function\" and \"args\"")
         fn = _need_str(body, "function")
         result = await self.functions.exec(_target(body), fn, body.get("args"),  # type: ignore[arg-type]
-                                           level=request["level"], timeout=_need_timeout(body))
+                                           level=request[LEVEL], timeout=_need_timeout(body))
         return _json_response('{"result":' + result + "}")
 
     async def exec_device(self, request: web.Request) -> web.Response:
@@ -389,11 +390,11 @@ class ApiServer:
             except ValueError:
                 raise _BadRequest("query parameter timeout must be a number of seconds") from None
         result = await self.functions.exec(request.match_info["id"], request.match_info["fn"], args,
-                                           level=request["level"], timeout=timeout)
+                                           level=request[LEVEL], timeout=timeout)
         return _json_response('{"result":' + result + "}")
 
     async def reload(self, request: web.Request) -> web.Response:
-        if LEVELS[request["level"]] < LEVELS["administrator"]:
+        if LEVELS[request[LEVEL]] < LEVELS["administrator"]:
             raise ExecError("forbidden", "reloading the config needs the administrator level")
         try:
             report = await reload_config(self.sup)
@@ -404,7 +405,7 @@ class ApiServer:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30.0)
         await ws.prepare(request)
-        session = WsSession(self, ws, request["level"])
+        session = WsSession(self, ws, request[LEVEL])
         self.sessions.add(session)
         try:
             await session.run()
