@@ -87,6 +87,14 @@ function caps.devices() return devices end
 function caps.driver() return driver end
 caps.host = host          -- raw host functions, for library modules only
 caps.sandbox = sb
+-- Unwrapped primitives for library hot paths (the datastore): library environments only
+-- see the sandbox's metamethod-aware next/rawget/# and the budgeted pattern functions.
+caps.raw = {
+  next = next, rawget = rawget, rawset = rawset, len = function(t) return #t end,
+  string = string, sort = table.sort, concat = table.concat,
+  table_new = require "table.new", table_clear = require "table.clear",
+  buffer = require "string.buffer",
+}
 sb.set_library_caps(caps)
 
 ---------------------------------------------------------------------------------------------
