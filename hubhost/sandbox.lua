@@ -99,7 +99,15 @@ end
 -- the loader rewrites `#x` into `__hh_len(x)`.
 local function meta(t, name)
   local mt = dgetmetatable(t)
-  return mt and type(mt) == "table" and rawget(mt, name) or nil
+  if not mt or type(mt) ~= "table" then return nil end
+  local f = rawget(mt, name)
+  if f == nil then
+    -- metatables may share these extra metamethods through one table at __ext (datastore
+    -- nodes: one small metatable per node instead of a dozen entries each)
+    local ext = rawget(mt, "__ext")
+    if type(ext) == "table" then f = rawget(ext, name) end
+  end
+  return f
 end
 
 local function hh_len(x)
