@@ -148,11 +148,14 @@ function R.start_device(info, is_new)
   devices[info.id] = device
   if is_new then lifecycle("added", device) end
   lifecycle("init", device)
+  -- transports (devicelink.lua): the device's link opens once init has run
+  if caps.device_started then caps.device_started(device) end
 end
 
 function R.remove_device(info)
   local device = devices[info.id] or caps.make_device(info)
   devices[info.id] = nil
+  if caps.device_removed then caps.device_removed(info.id) end
   lifecycle("removed", device)
   if caps.drop_device_store then caps.drop_device_store(info.id) end
 end

@@ -130,21 +130,24 @@ function device_lazy.status(self)
   })
 end
 
+-- not tail calls: errors raised by caps.send/request name the driver's line (level 3)
 function Device:send(bytes)
   if not caps.send then error("device:send: this driver has no transport", 2) end
-  return caps.send(self.id, bytes)
+  local ok = caps.send(self.id, bytes)
+  return ok
 end
 
 function Device:request(bytes, opts)
   if not caps.request then error("device:request: this driver has no transport", 2) end
-  return caps.request(self.id, bytes, opts)
+  local answer, err = caps.request(self.id, bytes, opts)
+  return answer, err
 end
 
 --- From on_receive: mark the request in flight answered; the requester gets `frame` (or "").
 -- For answers that span several frames or need the driver's judgement.
 function Device:answer(frame)
   if not caps.answer then error("device:answer: this driver has no transport", 2) end
-  return caps.answer(self.id, frame)
+  caps.answer(self.id, frame)
 end
 
 function Device:emit(name, value)
