@@ -124,6 +124,7 @@ class StoreFile:
         """The JSON text to load (None: start empty). A bad file is quarantined and the
         .bak is used (and put back in place) if it is valid; problems are logged as errors."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -150,6 +151,16 @@ class StoreFile:
                        "starting with an empty datastore", self.driver_id, self.path, problem,
                        moved.name, self.bak.name, bak_problem)
         return None
+
+    def _remove_leftovers(self) -> None:
+        """Temp files of writes that a crash interrupted (atomicfile names them .<name>.*-<pid>).
+        Only called at load, when no write of this store can be running."""
+        for pattern in (f".{FILE_NAME}.tmp-*", f".{FILE_NAME}.bak-*"):
+            for leftover in self.folder.glob(pattern):
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass
 
     def _quarantine(self) -> Path:
         stamp = _utc_stamp()
@@ -224,7 +235,7 @@ class DatastoreBinding:
         """(driver thread) Load the file into the runtime's store. Call before rt.load()."""
         self.rt = rt
         if isinstance(store, (str, Path)):
-            store = StoreFile(Path(store), rt.driver_id, logger=rt.log)
+            store = StoreFile(Path(store), rt.driver_id)
         self.store = store
         rt.sandbox.new_env().require(b"datastore")
         self.H = rt.R.caps.datastore_host

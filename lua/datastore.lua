@@ -2,10 +2,10 @@
 --
 -- `require("datastore").init()` and `driver.datastore` return the root of the store;
 -- `device.persistent_store` is the node at "__" .. device.id. Every table in the store is a
--- *node*: an empty proxy table whose (per-node, hidden) metatable holds
---   __index    = the backing table with the data (so reads stay a C-level lookup),
---   __newindex = the guard, a closure bound to that backing table,
---   __len/__pairs/__ipairs/__next/__insert/... which the sandbox honours (sandbox.lua).
+-- *node*: an empty proxy table whose own small metatable (hidden: __metatable = false) holds
+--   __index    = the backing table with the data (reads stay a C-level lookup),
+--   __newindex = the guard: a closure bound to this node, made on its first write,
+--   __ext      = the shared __len/__pairs/__ipairs/__next/__insert/... the sandbox honours.
 -- LuaJIT calls __newindex only for keys absent from the proxy; the proxy stays empty, so
 -- every write at any depth is checked before anything changes.
 --
@@ -17,7 +17,12 @@
 --
 -- Persistence belongs to the host (hubhost/datastore.py): it loads the file through
 -- `caps.datastore_host.load`, takes JSON snapshots, and reports which snapshot reached the
--- disk. `is_dirty()` is `changed since the last snapshot or last snapshot not yet on disk`.
+-- disk. `is_dirty()` is "changed since the last snapshot, or that snapshot is not on disk
+-- yet". Snapshots are encoded here (JIT-compiled); each top-level subtree keeps its JSON
+-- text until something below it changes, so a flush re-encodes only what changed.
+--
+-- This file never uses `#` (the loader would rewrite it into a metamethod-aware call): the
+-- raw primitives come from caps.raw.
 local caps = select(2, ...)
 local raw = caps.raw
 
@@ -667,8 +672,8 @@ local function dec_value(s, pos, c, depth, top)
     local mt = new_mt(b, depth, true, top)
     if c == 123 then pos = dec_members(s, pos + 1, depth, b, mt.top)
     else pos = dec_elements(s, pos + 1, depth, b, mt.top) end
-    if depth > MAX_DEPTH then
-      note_drop("a value nested deeper than " .. MAX_DEPTH .. " levels")
+    if depth > MAX_DEPTH then   -- counted once, at the outermost level that is too deep
+      if depth == MAX_DEPTH + 1 then note_drop("a value nested deeper than " .. MAX_DEPTH .. " levels") end
       return DROP, pos
     end
     return wrap(mt), pos

@@ -112,3 +112,100 @@ class Kit:
 
 def text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+# -- a real supervisor with the datastore installed, run in-process --------------------------
+
+def hub_config(tmp: Path, drivers: list[dict[str, Any]], **top: Any) -> Any:
+    """A HubConfig from [[drivers]] tables (paths may be absolute)."""
+    from hubhost import config
+
+    return config.parse({"hub_id": "ds-test", **top, "drivers": drivers}, base=tmp)
+
+
+class Hub:
+    """A Supervisor with only the datastore part, on the running asyncio loop."""
+
+    def __init__(self, cfg: Any, state: Path) -> None:
+        from hubhost import datastore
+        from hubhost.supervisor import Supervisor
+
+        self.sup = Supervisor(cfg, state)
+        self.service = datastore.install(self.sup)
+
+    async def __aenter__(self) -> "Hub":
+        await self.sup.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.sup.stop()
+
+    def file(self, driver_id: str) -> Path:
+        return self.sup.slots[driver_id].state_dir / "datastore.json"
+
+    def stored(self, driver_id: str) -> Any:
+        import orjson
+
+        try:
+            return orjson.loads(self.file(driver_id).read_bytes())
+        except FileNotFoundError:
+            return None
+
+
+async def until(cond: Any, timeout: float = 10.0, step: float = 0.02) -> Any:
+    """Poll `cond()` on the loop until it is truthy (returns it) or fail after `timeout`."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(step)
+
+
+def write_driver(folder: Path, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "init.lua").write_text(body)
+    return folder
+
+
+# -- the crash-safety child ---------------------------------------------------------------------
+
+CRASHLOOP = HERE / "crashloop"
+
+
+def generation(i: int) -> dict[str, Any]:
+    """The store of crashloop/init.lua after its i-th change (what its i-th save writes)."""
+    d: dict[str, Any] = {"n": i, "payload": chr(97 + i % 26) * (1000 + (i * 7919) % 30000),
+                         "list": [i, i * 2, {"half": i / 2}], "flag": i % 2 == 0}
+    if i % 3 == 0:
+        d["extra"] = {"tag": f"x{i}"}
+    return d
+
+
+def crash_child(state: str, conn: Any) -> None:
+    """Run the crashloop driver under a real supervisor until killed; report ("loaded", n)
+    and ("saved", i) through `conn` (i is sent after ds:save() returned)."""
+    import asyncio
+    import re
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            m = re.search(r"\[crash\] (loaded|saved) (\d+)", record.getMessage())
+            if m:
+                conn.send((m.group(1), int(m.group(2))))
+
+    log = logging.getLogger("hubhost.driver")
+    log.setLevel(logging.INFO)
+    log.addHandler(Forward())
+    cfg = hub_config(Path(state), [{"id": "crash", "path": str(CRASHLOOP), "flush_interval": 3600}])
+
+    async def main() -> None:
+        async with Hub(cfg, Path(state)):
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
