@@ -107,6 +107,9 @@ def _new_spec_env(spec_path: Path) -> tuple[Sandbox, Any, Callable[[bytes, str, 
     load_fn(source, name, env) compiles source text as chunk `@name` bound to env.
     """
     sb = Sandbox(driver_root(spec_path), on_print=_print)
+    from . import testkit  # here, not at the top: testkit imports this module
+
+    testkit.install(sb, spec_path)   # `require "hubhost.test"`: the driver test kit
     env = sb.new_env()
     return sb, env, lambda src, name, env: sb.compile(src, name, env)
 
