@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import socket
 import stat
@@ -381,6 +382,11 @@ async def _make_session(sup: Any) -> aiohttp.ClientSession:
     return unix_session(sup)
 
 
+def _dumps(v: Any) -> bytes:
+    """JSON bytes, big integers included (orjson stops at 64 bits; clients may not)."""
+    return json.dumps(v).encode()
+
+
 JSONS = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=10)
@@ -400,7 +406,7 @@ EXEC_BODY = st.fixed_dictionaries({}, optional={
            "/api/v1/devices", "/api/v1/devices/{a}", "/api/v1/devices/{a}/status", "/api/v1/devices/{a}/metadata",
            "/api/v1/devices/{a}/functions/{b}", "/api/v1/systems/{a}", "/api/v1/exec", "/api/v1/{a}", "/{a}/{b}"]),
            SEGMENT, SEGMENT),
-       body=st.none() | JSONS.map(orjson.dumps) | EXEC_BODY.map(orjson.dumps) | st.binary(max_size=40),
+       body=st.none() | JSONS.map(_dumps) | EXEC_BODY.map(_dumps) | st.binary(max_size=40),
        auth=st.none() | st.sampled_from(["Bearer", "Bearer ", "Basic abc", f"Bearer {SUPPORT_TOKEN}", "Bearer \u00e9"]))
 def test_fuzz_rest(fuzz_hub: Any, method: str, path: str, body: bytes | None, auth: str | None) -> None:
     loop, sup, session = fuzz_hub
@@ -420,14 +426,14 @@ def test_fuzz_rest(fuzz_hub: Any, method: str, path: str, body: bytes | None, au
 
 
 WS_MESSAGE = (
-    JSONS.map(lambda v: orjson.dumps(v).decode())
+    JSONS.map(lambda v: _dumps(v).decode())
     | st.text(max_size=30)
     | st.fixed_dictionaries({"type": st.sampled_from(["bind", "unbind", "exec", "ping", "nope"]) | JSONS},
                             optional={"id": JSONS, "sys": st.just("office") | JSONS, "mod": st.just("Lamp") | JSONS,
                                       "index": st.integers(0, 3) | JSONS, "name": st.just("power") | JSONS,
                                       "ref": st.integers(0, 5) | JSONS, "device": st.just("l1") | JSONS,
                                       "function": FUNCTION, "args": JSONS,
-                                      "timeout": st.floats(0.5, 5) | JSONS}).map(lambda d: orjson.dumps(d).decode())
+                                      "timeout": st.floats(0.5, 5) | JSONS}).map(lambda d: _dumps(d).decode())
 )
 
 
