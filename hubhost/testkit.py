@@ -212,6 +212,17 @@ class KitDevice:
         return DeviceInfo(id=self.id, label=self.label, config=self.config)
 
 
+@dataclass
+class _Wire:
+    """The device end of a mock transport, which outlives runtimes (a hub restart does not
+    change the device): what the driver sent, and the spec's responder."""
+
+    up: bool = True                 # the line is up: a link opened on it connects
+    sent: bytearray = field(default_factory=bytearray)
+    responder: Any = None
+    delay: float = 0.0
+
+
 class _MockLink:
     """One device's mock transport: the hub's framer and request queue, with the wire
     replaced by the spec (feed / sent / connect / disconnect / respond)."""
@@ -224,9 +235,8 @@ class _MockLink:
         self.describe = f"the test kit's mock {kind} transport"
         self.closed = False
         self.connected = False
-        self.sent = bytearray()
-        self.responder: Any = None
-        self.respond_delay = 0.0
+        self.wire = drv.wires.setdefault(dev.id, _Wire(up=dev.autoconnect))
+        self._waiting: dict[_Future, tuple[DriverRuntime, int]] = {}   # request -> Lua wait
         tokenizer = None
         if pattern is not None:
             label = f"framing pattern [{dev.id}]".encode()
@@ -249,14 +259,16 @@ class _MockLink:
         """Bytes leave the hub (device:send or a request): record them, wake the responder."""
         if not self.connected or self.closed:
             raise ConnectionError(f"{self.describe}: not connected")
-        self.sent += data
-        if self.responder is not None:
+        self.wire.sent += data
+        if self.wire.responder is not None:
             self.drv.clock.post(self._respond, bytes(data))
 
     def _respond(self, data: bytes) -> None:
         if self.closed or not self.connected:
             return
-        r = self.responder
+        r = self.wire.responder
+        if r is None:
+            return
         if isinstance(r, dict):
             replies = r.get(data)
         else:
@@ -274,7 +286,7 @@ class _MockLink:
                 raise KitError(f"respond: the responder of {self.id!r} must return bytes (a string), a list "
                                f"of strings or nil, got {lupa.lua_type(reply) or type(reply).__name__}",
                                located=False)
-            self.drv.clock.call_later(self.respond_delay, self.receive, reply)
+            self.drv.clock.call_later(self.wire.delay, self.receive, reply)
 
     def receive(self, chunk: bytes) -> None:
         """Bytes arrive from the device: frame them, answer requests, the rest to on_receive."""
@@ -286,9 +298,17 @@ class _MockLink:
             frames = e.frames
             self.drv.logger.error("[%s/%s] %s; buffered bytes dropped", self.drv.id, self.id, e)
         queue = self.queue
-        rest = [f for f in frames if not (queue.in_flight and queue.on_frame(f))]
-        if rest:
-            self.drv.clock.post(self._deliver, rest)
+        kept: list[bytes] = []
+        for frame in frames:      # in arrival order: frames, answers, frames (as DeviceLink)
+            if queue.in_flight and queue.on_frame(frame):
+                if kept:
+                    self.drv.clock.post(self._deliver, kept)
+                    kept = []
+                self._resume_answered()
+            else:
+                kept.append(frame)
+        if kept:
+            self.drv.clock.post(self._deliver, kept)
 
     def _deliver(self, frames: list[bytes]) -> None:
         drv = self.drv
@@ -310,13 +330,13 @@ class _MockLink:
     def connect(self) -> None:
         if self.closed or self.connected:
             return
-        self.connected = True
+        self.connected = self.wire.up = True
         self.drv.clock.post(self.drv._connection, self, True, None)
 
     def disconnect(self, reason: str) -> None:
         if self.closed or not self.connected:
             return
-        self.connected = False
+        self.connected = self.wire.up = False
         self.framer.reset()
         self.drv.clock.post(self.drv._connection, self, False, reason.encode())
         self.queue.fail_all("disconnected")
@@ -344,12 +364,22 @@ class _MockLink:
         except (TypeError, ValueError) as e:
             drv._resume(rt, token, None, str(e).encode())
             return
+        self._waiting[fut] = (rt, token)
+        fut.add_done_callback(self._request_done)
 
-        def done(f: _Future) -> None:
-            frame, reason = f.result() if not f.cancelled() else (None, "cancelled")
-            drv._resume(rt, token, frame, reason.encode() if reason else None)
+    def _request_done(self, fut: _Future) -> None:
+        entry = self._waiting.pop(fut, None)
+        if entry is not None:
+            self._resume(fut, *entry)
 
-        fut.add_done_callback(done)
+    def _resume_answered(self) -> None:
+        """Requesters answered just now resume before the frames that follow the answer."""
+        for fut in [f for f in self._waiting if f.done()]:
+            self._resume(fut, *self._waiting.pop(fut))
+
+    def _resume(self, fut: _Future, rt: DriverRuntime, token: int) -> None:
+        frame, reason = fut.result() if not fut.cancelled() else (None, "cancelled")
+        self.drv.clock.post(self.drv._resume, rt, token, frame, reason.encode() if reason else None)
 
 
 # -- one driver under test --------------------------------------------------------------------
@@ -404,6 +434,8 @@ class KitDriver:
         self.binding: DatastoreBinding | None = None
         self.glue: Any = None
         self.links: dict[str, _MockLink] = {}
+        self.wires: dict[str, _Wire] = {}
+        self._next_request: tuple[Any, ...] | None = None
         self.interface: Interface | None = None
         self.failures: list[dict[str, str]] = []
         self._raised = 0                 # failures already reported by a strict call
@@ -472,7 +504,8 @@ class KitDriver:
         self.binding = DatastoreBinding(rt, self.store)
         rt.sandbox.expose(
             link_open=self._link_open, link_close=self._link_close, link_send=self._link_send,
-            link_answer=self._link_answer, link_check_framing=check_framing,
+            link_answer=self._link_answer, link_request=self._link_request,
+            link_check_framing=check_framing,
             fn_done=self._fn_done, fn_subscribe=self._fn_subscribe, fn_unsubscribe=self._fn_unsubscribe,
         )
         self.glue = rt.sandbox.run_private("devicelink.lua", rt.R, rt.R.caps, rt.sandbox.host,
@@ -608,7 +641,7 @@ class KitDriver:
             self.logger.error("[%s/%s] cannot set up its %s transport: %s", self.id, dev.id, kind, e)
             return False
         self.links[dev.id] = link
-        if dev.autoconnect:
+        if link.wire.up:
             self.clock.post(link.connect)
         return True
 
@@ -628,19 +661,30 @@ class KitDriver:
         if link is not None:
             self.clock.post(link.queue.answer, bytes(frame) if frame else b"")
 
+    def _link_request(self, device_id: bytes, data: bytes, timeout: float, retries: float,
+                      priority: float, name: Any, match: Any) -> None:
+        """The request the handler is about to wait for (already checked by the Lua glue)."""
+        self._next_request = (device_id, data, timeout, retries, priority, name, match)
+
     def _wait_request(self, rt: DriverRuntime, token: int, arg: Any) -> None:
-        dev_id, data = arg[1].decode(), bytes(arg[2])
-        link = self.links.get(dev_id)
+        if lupa.lua_type(arg) == "table":   # the glue's older form: the request in the wait
+            spec: tuple[Any, ...] | None = tuple(arg[i] for i in range(1, 8))
+        else:
+            spec, self._next_request = self._next_request, None
+        if spec is None:
+            self.clock.post(self._resume, rt, token, None, b"request: nothing to send")
+            return
+        device_id, data, timeout, retries, priority, name, match = spec
+        link = self.links.get(device_id.decode())
         if link is None:
             self.clock.post(self._resume, rt, token, None, b"disconnected")
             return
-        options: dict[str, Any] = {"timeout": arg[3], "retries": arg[4], "priority": arg[5]}
-        if arg[6]:
-            options["name"] = arg[6].decode("utf-8", "replace")
-        if arg[7]:
-            prefix = bytes(arg[7])
-            options["match"] = lambda frame, p=prefix: frame.startswith(p)
-        self.clock.post(link.submit, rt, token, data, options)
+        options: dict[str, Any] = {"timeout": timeout, "retries": retries, "priority": priority}
+        if name:
+            options["name"] = name.decode("utf-8", "replace")
+        if match:
+            options["match"] = lambda frame, p=bytes(match): frame.startswith(p)
+        self.clock.post(link.submit, rt, token, bytes(data), options)
 
     def _wait_save(self, rt: DriverRuntime, token: int, seq: int, data: bytes) -> None:
         b = self.binding
@@ -1053,8 +1097,8 @@ class KitHost:
     def op_sent(self, h: KitDriver, dev: Any) -> bytes:
         link = h.link(self._id(dev))
         h.clock.settle()
-        out = bytes(link.sent)
-        link.sent.clear()
+        out = bytes(link.wire.sent)
+        link.wire.sent.clear()
         return out
 
     def op_connect(self, h: KitDriver, dev: Any) -> None:
@@ -1071,26 +1115,26 @@ class KitHost:
 
     def op_respond(self, h: KitDriver, dev: Any, responder: Any, delay: Any = None) -> None:
         link = h.link(self._id(dev))
-        kind = lupa.lua_type(responder)
-        if responder is None:
-            link.responder = None
-        elif kind == "function":
-            link.responder = responder
-        elif kind == "table":
-            table: dict[bytes, Any] = {}
-            for k, v in responder.items():
-                if not isinstance(k, bytes) or not (isinstance(v, bytes) or lupa.lua_type(v) == "table" or v is False):
-                    raise KitError("respond: a table responder maps sent bytes to a reply string "
-                                   f"(or a list of them), got {_kind(k)} -> {_kind(v)}")
-                table[k] = v
-            link.responder = table
-        else:
-            raise KitError(f"respond: responder must be a function(sent) -> reply, a table "
-                           f"{{ [sent] = reply }} or nil, got {kind or _kind(responder)}")
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
                                   or not math.isfinite(delay) or delay < 0):
             raise KitError(f"respond: delay must be a number of seconds >= 0, got {delay!r}")
-        link.respond_delay = float(delay or 0.0)
+        kind = lupa.lua_type(responder)
+        if responder is None or kind == "function":
+            chosen = responder
+        elif kind == "table":
+            chosen = {}
+            for k, v in responder.items():
+                replies = [v] if isinstance(v, bytes) else (
+                    [v[i] for i in range(1, len(v) + 1)] if lupa.lua_type(v) == "table" else None)
+                if not isinstance(k, bytes) or replies is None or not all(isinstance(r, bytes) for r in replies):
+                    raise KitError("respond: a table responder maps sent bytes to a reply string "
+                                   f"(or a list of them), got {_kind(k)} -> {_kind(v)}")
+                chosen[k] = replies
+        else:
+            raise KitError(f"respond: responder must be a function(sent) -> reply, a table "
+                           f"{{ [sent] = reply }} or nil, got {kind or _kind(responder)}")
+        link.wire.responder = chosen
+        link.wire.delay = float(delay or 0.0)
 
     def op_advance_time(self, h: KitDriver, seconds: Any) -> float:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
