@@ -12,8 +12,8 @@ local R, caps, host, sb, cpu_limit = ...
 local type, tostring, error, select, pairs, pcall = type, tostring, error, select, pairs, pcall
 local huge, floor = math.huge, math.floor
 
-local host_open, host_close, host_send, host_answer = host.link_open, host.link_close,
-  host.link_send, host.link_answer
+local host_open, host_close, host_send, host_answer, host_request = host.link_open,
+  host.link_close, host.link_send, host.link_answer, host.link_request
 local host_check_framing, host_clock = host.link_check_framing, host.clock
 
 local DEFAULT_TIMEOUT = 2.0    -- seconds a request waits for its answer, per attempt
@@ -132,7 +132,8 @@ function caps.request(id, data, opts)
     error("device:request: can only be called from a handler (it yields until the answer)", 3)
   end
   -- resumed by the host with (frame, nil) or (nil, "timeout" | "disconnected" | ...)
-  return caps.host_wait("request", { id, data, timeout, retries, priority, name, match })
+  host_request(id, data, timeout, retries, priority, name, match)
+  return caps.host_wait("request", false)
 end
 
 function caps.answer(id, frame)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import lupa.luajit21 as lupa
@@ -98,7 +99,7 @@ class DeviceLink:
     """One device's connection: transport + framer + request queue, bridged to its driver.
 
     Built on the driver thread (framing needs the Lua template); used on the loop, except
-    ``send_from_driver`` / ``_deliver`` / pattern framing, which run on the driver thread.
+    ``send_from_driver`` / ``_drain`` / pattern framing, which run on the driver thread.
     """
 
     def __init__(self, owner: "DriverLinks", info: DeviceInfo, kind: str,
@@ -132,6 +133,9 @@ class DeviceLink:
         self._backlog_warned = False
         self._tokenizer_failing = False
         self._no_handler_logged = False
+        self._waiting: dict[asyncio.Future[Result], int] = {}   # request -> Lua wait token
+        self._frames: deque[bytes] = deque()   # for on_receive: loop appends, driver pops
+        self._drain_posted = False
 
     @property
     def backlog(self) -> int:
@@ -174,17 +178,35 @@ class DeviceLink:
         if self.frame_on_loop:
             frames = self.framer.feed(chunk)
             if frames:
-                self._route(frames, len(chunk))
+                self._route(frames)
         elif self._admit(len(chunk)):
             self.owner.post(self._feed_pattern, chunk)
 
-    def _route(self, frames: list[bytes], nbytes: int) -> None:
-        """Answers go to their requesters, the rest to on_receive."""
+    def _route(self, frames: list[bytes]) -> None:
+        """Answers go to their requesters, the rest to on_receive, in arrival order."""
         queue = self.queue
         if queue.in_flight:
-            frames = [f for f in frames if not queue.on_frame(f)]
-        if frames and self._admit(nbytes):
-            self.owner.post(self._deliver, frames, nbytes)
+            kept: list[bytes] = []
+            for frame in frames:
+                if queue.in_flight and queue.on_frame(frame):
+                    if kept:
+                        self._post_frames(kept)
+                        kept = []
+                    self._resume_answered()
+                else:
+                    kept.append(frame)
+            frames = kept
+        if frames:
+            self._post_frames(frames)
+
+    def _post_frames(self, frames: list[bytes]) -> None:
+        """Queue frames for on_receive; one drain is posted until the driver starts it, so
+        a busy driver takes everything that arrived meanwhile in one go."""
+        if self._admit(sum(map(len, frames))):
+            self._frames.extend(frames)
+            if not self._drain_posted:
+                self._drain_posted = True
+                self.owner.post(self._drain)
 
     def _admit(self, nbytes: int) -> bool:
         """Bound memory when the driver falls behind: drop, with one warning per burst."""
@@ -198,22 +220,34 @@ class DeviceLink:
         self._posted += nbytes
         return True
 
-    def submit(self, rt: DriverRuntime, token: int, data: bytes, options: dict[str, Any]) -> None:
+    def submit(self, token: int, data: bytes, options: dict[str, Any]) -> None:
         """Queue a request from Lua; its handler resumes with (frame, nil) or (nil, reason)."""
+        resume = self.owner.rt.resume
         if self.closing or not self.owner.alive:
-            self.owner.post(rt.resume, token, None, b"disconnected")
+            self.owner.post(resume, token, None, b"disconnected")
             return
         try:
             fut = self.queue.submit(data, **options)
         except (TypeError, ValueError) as e:
-            self.owner.post(rt.resume, token, None, str(e).encode())
+            self.owner.post(resume, token, None, str(e).encode())
             return
+        self._waiting[fut] = token
+        fut.add_done_callback(self._request_done)
 
-        def done(f: asyncio.Future[Result]) -> None:
-            frame, reason = f.result() if not f.cancelled() else (None, "cancelled")
-            self.owner.post(rt.resume, token, frame, reason.encode() if reason else None)
+    def _request_done(self, fut: asyncio.Future[Result]) -> None:
+        token = self._waiting.pop(fut, None)
+        if token is not None:
+            self._resume(fut, token)
 
-        fut.add_done_callback(done)
+    def _resume_answered(self) -> None:
+        """Resume requesters answered just now, without waiting a loop iteration for the
+        futures' callbacks (which then find nothing left to do)."""
+        for fut in [f for f in self._waiting if f.done()]:
+            self._resume(fut, self._waiting.pop(fut))
+
+    def _resume(self, fut: asyncio.Future[Result], token: int) -> None:
+        frame, reason = fut.result() if not fut.cancelled() else (None, "cancelled")
+        self.owner.post(self.owner.rt.resume, token, frame, reason.encode() if reason else None)
 
     def write(self, data: bytes) -> None:
         try:
@@ -235,7 +269,7 @@ class DeviceLink:
             return None, (f"{self.id} is not connected ({self.transport.describe}); "
                           "wait for the connected handler, or use device:request, which "
                           "returns nil, \"disconnected\"").encode()
-        self.owner.loop.call_soon_threadsafe(self.write, bytes(data))
+        self.owner.to_loop(self.write, bytes(data))
         return True, None
 
     def _feed_pattern(self, chunk: bytes) -> None:
@@ -253,29 +287,34 @@ class DeviceLink:
                 self.log.debug("%s", e)
         if frames:
             # back to the loop, where the request queue takes its answers
-            self.owner.loop.call_soon_threadsafe(self._route, frames, sum(map(len, frames)))
+            self.owner.to_loop(self._route, frames)
 
-    def _deliver(self, frames: list[bytes], nbytes: int) -> None:
-        """Run on_receive for each frame; re-post the rest after a slice of time."""
-        self._handled += nbytes
+    def _drain(self) -> None:
+        """Run on_receive for each queued frame; re-post the rest after a slice of time."""
+        self._drain_posted = False   # frames queued from now on post another drain
+        frames = self._frames
         owner = self.owner
         if not owner.alive:
+            frames.clear()
             return
         receive = owner.lua.receive
-        i, n = 0, len(frames)
-        while i < n:
-            part = frames[i:i + LUA_BATCH]
+        while frames:
+            part = [frames.popleft() for _ in range(min(len(frames), LUA_BATCH))]
+            self._handled += sum(map(len, part))
             result = owner.rt_call("on_receive", receive, self.id_b, *part)
-            if result is None:   # the glue itself failed (logged): drop this batch
-                return
-            done, has_handler = result
+            if result is None:   # the glue itself failed (logged): this part is lost
+                continue
+            done, has_handler = int(result[0]), result[1]
             if not has_handler and not self._no_handler_logged:
                 self._no_handler_logged = True
                 self.log.warning("the driver has no on_receive; received frames are dropped")
-            i += int(done)
-            if int(done) < len(part):
+            if done < len(part):
                 # let timers, answers and other devices in before the rest
-                owner.post(self._deliver, frames[i:], 0)
+                rest = part[done:]
+                self._handled -= sum(map(len, rest))
+                frames.extendleft(reversed(rest))
+                self._drain_posted = True
+                owner.post(self._drain)
                 return
 
 
@@ -293,6 +332,8 @@ class DriverLinks:
         self.alive = True
         self.links: dict[str, DeviceLink] = {}
         self._retire: asyncio.Task[None] | None = None
+        self._outbox: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+        self._next_request: tuple[Any, ...] | None = None
         self.lua: Any = None
 
     def install(self) -> None:
@@ -303,6 +344,7 @@ class DriverLinks:
             link_close=self.close_device,
             link_send=self.send,
             link_answer=self.answer,
+            link_request=self.prepare_request,
             link_check_framing=check_framing,
         )
         self.lua = rt.sandbox.run_private("devicelink.lua", rt.R, rt.R.caps, rt.sandbox.host,
@@ -311,7 +353,28 @@ class DriverLinks:
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run fn on the driver thread, unless this runtime has gone away."""
         if self.alive:
-            self.actor.post(fn, *args)
+            self.actor.post(self._batched, fn, args)
+
+    def _batched(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Driver thread: run fn, holding back what it sends to the loop until it is done.
+
+        One wake-up of the loop per actor call instead of one per device:send/request, and
+        the loop is not woken while this thread still needs the GIL to finish the call.
+        """
+        self._outbox = []
+        try:
+            fn(*args)
+        finally:
+            out, self._outbox = self._outbox, None
+            if out:
+                self.loop.call_soon_threadsafe(_run_all, out)
+
+    def to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Driver thread: run fn on the loop, in order with everything else sent there."""
+        if self._outbox is not None:
+            self._outbox.append((fn, args))
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
 
     def rt_call(self, label: str, fn: Any, *args: Any) -> Any:
         # the runtime's guard: a Lua error escaping the glue counts as a failed handler
@@ -365,22 +428,30 @@ class DriverLinks:
     def answer(self, device_id: bytes, frame: Any) -> None:
         link = self.links.get(device_id.decode())
         if link is not None:
-            self.loop.call_soon_threadsafe(link.queue.answer, frame if frame else b"")
+            self.to_loop(link.queue.answer, frame if frame else b"")
 
-    def request(self, token: int, arg: Any) -> None:
-        """The `request` host wait: arg = {id, data, timeout, retries, priority, name, match}."""
-        dev_id, data = arg[1], arg[2]
-        link = self.links.get(dev_id.decode())
+    def prepare_request(self, device_id: bytes, data: bytes, timeout: float, retries: float,
+                        priority: float, name: Any, match: Any) -> None:
+        """Host function: the request the handler is about to wait for (checked in Lua)."""
+        self._next_request = (device_id, data, timeout, retries, priority, name, match)
+
+    def request(self, token: int) -> None:
+        """The `request` host wait: submit the prepared request on the loop."""
+        spec, self._next_request = self._next_request, None
+        if spec is None:
+            self.post(self.rt.resume, token, None, b"request: nothing to send")
+            return
+        device_id, data, timeout, retries, priority, name, match = spec
+        link = self.links.get(device_id.decode())
         if link is None:
             self.post(self.rt.resume, token, None, b"disconnected")
             return
-        options: dict[str, Any] = {"timeout": arg[3], "retries": arg[4], "priority": arg[5]}
-        if arg[6]:
-            options["name"] = arg[6].decode("utf-8", "replace")
-        if arg[7]:
-            prefix = bytes(arg[7])
-            options["match"] = lambda frame, p=prefix: frame.startswith(p)
-        self.loop.call_soon_threadsafe(link.submit, self.rt, token, data, options)
+        options: dict[str, Any] = {"timeout": timeout, "retries": retries, "priority": priority}
+        if name:
+            options["name"] = name.decode("utf-8", "replace")
+        if match:
+            options["match"] = lambda frame, p=bytes(match): frame.startswith(p)
+        self.to_loop(link.submit, token, data, options)
 
     # -- loop thread -----------------------------------------------------------------------
     def _open_link(self, link: DeviceLink) -> None:
@@ -411,6 +482,14 @@ class DriverLinks:
         await asyncio.gather(*(self._guarded(link.close(), link, "close") for link in links))
 
 
+def _run_all(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    for fn, args in calls:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("device link call %r failed", fn)
+
+
 class TransportGlue:
     """Plugs device links into a supervisor: runtime hook, request wait, crash and stop."""
 
@@ -438,7 +517,7 @@ class TransportGlue:
             if slot.actor is not None:
                 slot.actor.post(rt.resume, token, None, b"disconnected")
             return
-        dl.request(token, arg)
+        dl.request(token)
 
     def _crash_hook(self, slot: "DriverSlot", rt: DriverRuntime, actor: Any) -> None:
         dl = self.drivers.get(slot.id)
