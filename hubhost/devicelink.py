@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hubhost.device")
 
 MAX_BACKLOG = 4 << 20   # bytes received but not yet handled by the driver, per device
+FRAME_COST = 64         # bookkeeping bytes counted per queued frame (tiny frames add up)
 LUA_BATCH = 256         # frames per call into Lua (varargs stay well under LuaJIT's limits)
 
 
@@ -49,6 +50,10 @@ class _Prefixed(logging.LoggerAdapter):
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"{self.extra['prefix']} {msg}", kwargs
+
+
+def _cost(frames: list[bytes]) -> int:
+    return sum(map(len, frames)) + FRAME_COST * len(frames)
 
 
 def _text(value: Any) -> str:
@@ -202,7 +207,7 @@ class DeviceLink:
     def _post_frames(self, frames: list[bytes]) -> None:
         """Queue frames for on_receive; one drain is posted until the driver starts it, so
         a busy driver takes everything that arrived meanwhile in one go."""
-        if self._admit(sum(map(len, frames))):
+        if self._admit(_cost(frames)):
             self._frames.extend(frames)
             if not self._drain_posted:
                 self._drain_posted = True
@@ -238,6 +243,11 @@ class DeviceLink:
         token = self._waiting.pop(fut, None)
         if token is not None:
             self._resume(fut, token)
+
+    def answer(self, frame: bytes) -> None:
+        """device:answer from on_receive: the request in flight (if any) gets ``frame``."""
+        if self.queue.answer(frame):
+            self._resume_answered()
 
     def _resume_answered(self) -> None:
         """Resume requesters answered just now, without waiting a loop iteration for the
@@ -300,7 +310,7 @@ class DeviceLink:
         receive = owner.lua.receive
         while frames:
             part = [frames.popleft() for _ in range(min(len(frames), LUA_BATCH))]
-            self._handled += sum(map(len, part))
+            self._handled += _cost(part)
             result = owner.rt_call("on_receive", receive, self.id_b, *part)
             if result is None:   # the glue itself failed (logged): this part is lost
                 continue
@@ -311,7 +321,7 @@ class DeviceLink:
             if done < len(part):
                 # let timers, answers and other devices in before the rest
                 rest = part[done:]
-                self._handled -= sum(map(len, rest))
+                self._handled -= _cost(rest)
                 frames.extendleft(reversed(rest))
                 self._drain_posted = True
                 owner.post(self._drain)
@@ -428,7 +438,7 @@ class DriverLinks:
     def answer(self, device_id: bytes, frame: Any) -> None:
         link = self.links.get(device_id.decode())
         if link is not None:
-            self.to_loop(link.queue.answer, frame if frame else b"")
+            self.to_loop(link.answer, frame if frame else b"")
 
     def prepare_request(self, device_id: bytes, data: bytes, timeout: float, retries: float,
                         priority: float, name: Any, match: Any) -> None:

@@ -746,3 +746,57 @@ def test_demo_hub_talks_to_its_simulated_devices(tmp_path: Path) -> None:
     assert "demo: simulated projector for projector-1" in text
     assert "demo: simulated display for display-1 at 127.0.0.1:" in text
     assert "projector connected" in text and "display connected" in text
+
+
+PATTERN_REQUESTS = """
+    local driver_helper = require "driver_helper"
+    local log = require "log"
+    return driver_helper.init_tcp {
+      name = "stx",
+      -- frames are STX .. body .. ETX; bytes before an STX are noise; "!" breaks the tokenizer
+      framing = { pattern = function(buf)
+        if buf:find("!", 1, true) then error("tokenizer refuses '!'") end
+        local s = buf:find("\\2", 1, true)
+        if not s then return nil, "" end
+        local e = buf:find("\\3", s + 1, true)
+        if not e then return nil, buf:sub(s) end
+        return buf:sub(s + 1, e - 1), buf:sub(e + 1)
+      end },
+      lifecycle = {
+        connected = function(driver, device)
+          local answer, err = device:request("\\2Q1\\3")
+          log.info("RESULT", answer, err)
+        end,
+      },
+      on_receive = function(driver, device, frame) log.info("RECV", frame) end,
+    }
+"""
+
+
+def test_pattern_framing_answers_requests_and_survives_a_failing_tokenizer(tmp_path: Path) -> None:
+    write_driver(tmp_path, "stx", PATTERN_REQUESTS)
+
+    async def main() -> None:
+        peer = TcpPeer(sep=b"\3", responder=lambda line: [b"noise\2ev:before"] if line == b"\2Q1" else [])
+        await peer.start()
+        cfg = hub_config(tmp_path, "stx", f'transport = "tcp"\nhost = "127.0.0.1"\nport = {peer.port}\n{FAST}')
+        try:
+            async with running_hub(cfg, tmp_path / "state") as (sup, cap):
+                # the first frame after the request is its answer, cut by the Lua tokenizer
+                await cap.wait_for("RESULT ev:before nil")
+                await peer.send(b"\2one\3xx\2tw")
+                await asyncio.sleep(0.02)
+                await peer.send(b"o\3")
+                await cap.wait_for("RECV two")
+                await peer.send(b"\2bad!\3")                       # tokenizer error: logged once
+                await peer.send(b"\2bad!\3")
+                await asyncio.sleep(0.1)
+                await peer.send(b"\2three\3")
+                await cap.wait_for("RECV three")
+                assert [ln.split("RECV ")[1] for ln in cap.lines("RECV")] == ["one", "two", "three"]
+                errors = [e for e in cap.errors() if "tokenizer" in e]
+                assert len(errors) == 1 and "[drv/dev]" in errors[0] and "refuses '!'" in errors[0], errors
+        finally:
+            await peer.stop()
+
+    run(main())
