@@ -11,35 +11,41 @@ positions are those of LuaJIT 2.1.
 
 Interface: a chunk run in the privileged host environment. It receives the original string
 library as its first vararg and returns { find =, match =, gmatch =, gsub = }. It creates
-no globals and never uses string methods through the (swappable) string metatable.
+no globals and never uses string methods through the (swappable) string metatable. An
+optional second vararg overrides the tuning constants below (tests only).
 
-Cost model (for a subject of length n and a pattern p):
+Cost model, in units of one worst-case matcher step (~2.5 ns measured here, see below), for
+a subject of n bytes and a pattern p:
   * Pattern matching. q = number of backtracking items: `*`, `+`, `-` (each may take up to
     n+1 repetition counts), `%b` and back-references `%1`-`%9` (each may scan up to n
     bytes); r = number of `?` items (two choices each). One start position costs at most
     (n+1)^q * 2^r * (#p+1) steps: every path through the backtracking tree chooses one
     count per item and walks at most #p pattern bytes. An unanchored find / match /
-    gmatch step / whole gsub tries at most n+1 start positions, so it costs at most
+    gmatch step / gsub tries at most n+1 start positions, so it costs at most
     (n+1)^(q+1) * 2^r * (#p+1) steps; an anchored one (`^`) at most (n+1)^q * 2^r * (#p+1).
-    gsub adds (n+1) * (#repl+1) bytes of output work for a string replacement.
-  * Plain find (4th argument true, or no special character in p) is LuaJIT's naive
-    memchr+memcmp search: at most (n-#p+1) * #p byte comparisons.
-  The C function is used when the bound is at most MAX_C_STEPS (MAX_PLAIN_BYTES for plain
-  finds). Measured on the 2-core AMD EPYC build host with lupa 2.8's LuaJIT 2.1, a step
-  costs at most ~2.5 ns (q = 0 patterns made of many `[set]` items; `.-`, `.*`, `%b` and
-  back-reference shapes cost 0.003-1.6 ns per counted step), and a plain-find byte
-  comparison ~0.06 ns, so one C call stays under ~2.5 ms there (a Raspberry Pi class hub is
-  roughly 5-10x slower). Above the bound:
+  * gsub also builds up to n+1 replacements: GSUB_MATCH units each, plus GSUB_BYTE per
+    replacement byte, GSUB_REF per `%` in the replacement string (a `%1` of a position
+    capture formats a number, ~0.3 us), GSUB_TABLE per table lookup. A function
+    replacement is Lua, so the hook fires in it. Scan and replacements get half the budget
+    each.
+  * Plain find (4th argument true, or no special character in p) is LuaJIT's memchr+memcmp
+    search: (n-#p+1) candidate starts at PLAIN_CANDIDATE units plus #p/PLAIN_BYTES each.
+  The C function is used when the bound is at most MAX_C_STEPS = 1e6 units. Measured on the
+  2-core AMD EPYC build host (lupa 2.8's LuaJIT 2.1, JIT off) at the largest n that still
+  goes to C: q = 0 patterns of many `[set]` / `%a` items 2.4-2.6 ms (the worst shape),
+  `.-b` / `a*b` 1.0 ms, `.-.-b` 0.24 ms, `%b()` 0.07 ms, back-references 0.02 ms. So one C
+  call stays under ~2.5 ms here; a Raspberry Pi class hub is roughly 5-10x slower.
+  Above the bound:
   * plain find scans overlapping windows with the C function from a Lua loop (the hook fires
     between windows); needles longer than PLAIN_PREFIX bytes are located by their prefix
-    and verified in chunks;
+    and verified VERIFY_CHUNK bytes at a time;
   * a well-formed pattern without `* + - %b %1..%9` matches at most #p bytes from a start,
     so the subject is scanned in overlapping windows with the C function, too;
   * everything else runs the Lua matcher below, whose functions run with the JIT off so the
     count hook fires inside them. Its start-position loop uses a windowed C search for the
     pattern's first mandatory single-character item to skip impossible starts.
-  gmatch decides per step (on the remaining length); gsub with a function or table
-  replacement calls back into Lua anyway, only the matcher needs the bound.
+  gmatch decides per step (on the remaining length); gsub's Lua loop finds each match by the
+  same rules and builds the result in Lua.
 
 Known difference: a gsub replacement function may yield when the Lua path runs it (the C
 function would raise "attempt to yield across C-call boundary"). Out-of-range numbers for
@@ -51,7 +57,8 @@ local string_lib = ...
 local jit = jit
 if jit and jit.off then jit.off(true, true) end  -- every function below: interpreted, hookable
 
-local type, select, tonumber, error, setmetatable = type, select, tonumber, error, setmetatable
+local type, select, tonumber, error, setmetatable, next =
+  type, select, tonumber, error, setmetatable, next
 local unpack = unpack or table.unpack
 local concat = table.concat
 local floor, ceil, huge = math.floor, math.ceil, math.huge
@@ -63,13 +70,19 @@ local getinfo = debug and debug.getinfo
 -- Tuning. The optional second vararg overrides these (tests use tiny values to drive every
 -- path with short strings); the host passes only the string library.
 local opts = select(2, ...) or {}
-local MAX_C_STEPS = opts.max_c_steps or 1000000          -- pattern steps in one C call (~2.5 ms)
-local MAX_PLAIN_BYTES = opts.max_plain_bytes or 40000000 -- byte compares in one plain C find
-local MAX_REPL_BYTES = opts.max_repl_bytes or 16000000   -- gsub output bytes built by one C call
+local MAX_C_STEPS = opts.max_c_steps or 1000000  -- cost units allowed in one C call (~2.5 ms)
 local PLAIN_PREFIX = opts.plain_prefix or 256     -- longer needles: find the prefix, verify rest
 local VERIFY_CHUNK = opts.verify_chunk or 65536   -- bytes compared per verification step
 local MIN_WINDOW = opts.min_window or 64          -- fewer starts per window: not worth a copy
 local CACHE_MAX = 512                             -- analysed patterns kept (strings never weak)
+
+-- Cost units besides pattern steps (one unit ~ one worst-case pattern step, see the header).
+local PLAIN_CANDIDATE = 3      -- plain find: per candidate start (memchr hit + memcmp call)
+local PLAIN_BYTES = 128        -- plain find: compared bytes per unit
+local GSUB_MATCH = 8           -- gsub: per match (buffer bookkeeping)
+local GSUB_BYTE = 2            -- gsub: per replacement byte (added one at a time)
+local GSUB_REF = 120           -- gsub: per % in the replacement (a position formats a number)
+local GSUB_TABLE = 25          -- gsub: per table lookup
 
 local MAXCAPTURES, MAXDEPTH = 32, 200          -- LUA_MAXCAPTURES, LJ_MAX_XLEVEL
 local CAP_UNFINISHED, CAP_POSITION = -1, -2
@@ -546,9 +559,15 @@ local function analyse_body(body)
   }
 end
 
+--- Cost of a plain find over `starts` candidate starts with a needle of m bytes.
+local function plain_cost(starts, m)
+  return starts * (PLAIN_CANDIDATE + m / PLAIN_BYTES)
+end
+
+--- Largest subject length for which a plain find of an m-byte needle fits one C call.
 local function plain_maxn(m)
   if m == 0 then return huge end
-  return floor(MAX_PLAIN_BYTES / m) + m - 1
+  return floor(MAX_C_STEPS / (PLAIN_CANDIDATE + m / PLAIN_BYTES)) + m - 1
 end
 
 local SPECIALS = "[%^%$%*%+%?%.%(%[%%%-]"
@@ -567,6 +586,9 @@ local function analyse(p)
   a.maxn_plain = plain_maxn(#p)
   a.maxn_pat = anchored and max_len(a.U, a.K, MAX_C_STEPS) or a.maxn
   a.maxn_find = a.haspattern and a.maxn_pat or a.maxn_plain
+  -- gsub: half the budget for the scan, half for the replacements (checked per call)
+  a.maxn_gsub = anchored and max_len(a.U, a.K, MAX_C_STEPS / 2)
+                or max_len(a.U + 1, a.K, MAX_C_STEPS / 2)
   if cache_n >= CACHE_MAX then cache, cache_n = {}, 0 end
   cache[p] = a
   cache_n = cache_n + 1
@@ -592,12 +614,12 @@ end
 local function plain_search(s, n, p, m, a)
   local last = n - m + 1                              -- last possible start
   if a > last then return nil end
-  if (last - a + 1) * m <= MAX_PLAIN_BYTES then
+  if plain_cost(last - a + 1, m) <= MAX_C_STEPS then
     return c_find(s, p, a, true)
   end
   local k = m < PLAIN_PREFIX and m or PLAIN_PREFIX
   local pre = (k == m) and p or sub(p, 1, k)
-  local width = floor(MAX_PLAIN_BYTES / k)
+  local width = floor(MAX_C_STEPS / (PLAIN_CANDIDATE + k / PLAIN_BYTES))
   if width > 4194304 then width = 4194304 elseif width < 1 then width = 1 end
   while a <= last do
     local b = a + width - 1                           -- starts a..b in this window
@@ -965,12 +987,37 @@ local function gsub_work(s, p, info, repl, tr, max_s)
   return concat(out, "", 1, no), count
 end
 
+local rcache, rcache_n = {}, 0
+
+--- Cost units of building one replacement string in C (add_s); cached per string.
+local function repl_string_cost(repl)
+  local c = rcache[repl]
+  if c then return c end
+  local _, refs = c_gsub(repl, "%%", "")
+  c = GSUB_MATCH + #repl * GSUB_BYTE + refs * GSUB_REF
+  if rcache_n >= CACHE_MAX then rcache, rcache_n = {}, 0 end
+  rcache[repl] = c
+  rcache_n = rcache_n + 1
+  return c
+end
+
+--- Cost units of building one replacement in C (add_value).
+local function repl_cost(repl, tr)
+  if tr == "string" then return repl_string_cost(repl) end
+  if tr == "table" then return GSUB_MATCH + GSUB_TABLE end
+  if tr == "number" then return GSUB_MATCH + 24 * GSUB_BYTE end
+  return GSUB_MATCH                                   -- function: the call itself is hookable
+end
+
 local function gsub(...)
   local s, p, repl, max_s = ...
   local info = cache[p]
-  if info ~= nil and type(s) == "string" and #s <= info.maxn_pat
-     and (type(repl) ~= "string" or (#s + 1) * (#repl + 1) <= MAX_REPL_BYTES) then
-    return c_gsub(...)
+  if info ~= nil and type(s) == "string" then
+    local n = #s
+    if n <= info.maxn_gsub
+       and (n + 1) * (rcache[repl] or repl_cost(repl, type(repl))) <= MAX_C_STEPS / 2 then
+      return c_gsub(...)
+    end
   end
   s, p = tostr(s), tostr(p)
   local tr = type(repl)
@@ -981,8 +1028,13 @@ local function gsub(...)
   if tr == "number" then repl, tr = repl .. "", "string" end
   info = analyse(p)
   local n = #s
-  if n <= info.maxn_pat and (tr ~= "string" or (n + 1) * (#repl + 1) <= MAX_REPL_BYTES) then
-    return c_gsub(...)
+  if n <= info.maxn_gsub then
+    local pm = repl_cost(repl, tr)
+    if tr == "string" and next(info.poscap) == nil then
+      local _, refs = c_gsub(repl, "%%", "")        -- no position captures: %n is a memcpy
+      pm = pm - refs * (GSUB_REF - GSUB_BYTE)
+    end
+    if (n + 1) * pm <= MAX_C_STEPS / 2 then return c_gsub(...) end
   end
   local mx = (max_s == nil) and n + 1 or toint_gsub(tonum(max_s))
   return pass(gsub_work(s, p, info, repl, tr, mx))

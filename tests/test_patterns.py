@@ -32,11 +32,9 @@ PATTERNS_LUA = Path(__file__).resolve().parent.parent / "hubhost" / "patterns.lu
 # search, prefiltered Lua matching and the per-step choices of gmatch / gsub.
 CONFIGS = {
     "default": None,
-    "lua": {"max_c_steps": 0, "max_plain_bytes": 0, "max_repl_bytes": 0},
+    "lua": {"max_c_steps": 0},
     "windows": {
         "max_c_steps": 24,
-        "max_plain_bytes": 6,
-        "max_repl_bytes": 40,
         "min_window": 1,
         "plain_prefix": 2,
         "verify_chunk": 2,
