@@ -62,10 +62,43 @@ def _cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_test(args: argparse.Namespace) -> int:
+def run_tests(argv: Sequence[str]) -> int:
+    """`hubhost test [PATHS...] [PYTEST OPTIONS...]`: pytest with the spec plugin, for driver
+    authors who never touch Python. Everything is passed to pytest as given (so `-k`, `-x`,
+    `--lf` work); with no paths pytest runs the current folder (or the project's testpaths).
+    A `--` before pytest options, as older versions wanted, is dropped."""
+    import os
+
     import pytest
 
-    return int(pytest.main([*args.paths, *args.pytest_args]))
+    args = list(argv)
+    if "--" in args:
+        args.remove("--")
+    # hubhost is imported already (this module), so pytest cannot rewrite the plugin's asserts;
+    # its warning would only puzzle an author
+    extra = ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        extra += ["-p", "hubhost.pytest_plugin"]   # entry points are off: load the plugin by name
+    counter = _Collected()
+    code = int(pytest.main([*extra, *args], plugins=[counter]))
+    if code == int(pytest.ExitCode.NO_TESTS_COLLECTED) and counter.items == 0:
+        print("hubhost test: no specs found: specs are Lua files named *_spec.lua, usually in "
+              "the driver's spec/ folder (see docs/driver-guide.md)", file=sys.stderr)
+    return code
+
+
+class _Collected:
+    """Counts collected items (before -k deselects any): "nothing found" vs "none selected"."""
+
+    def __init__(self) -> None:
+        self.items = 0
+
+    def pytest_itemcollected(self, item: Any) -> None:
+        self.items += 1
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    return run_tests(args.pytest_args)
 
 
 def _cmd_datastore(args: argparse.Namespace) -> int:
@@ -103,9 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--dir", default=".", help="parent folder (default: current)")
     n.set_defaults(func=_cmd_new)
 
-    t = sub.add_parser("test", help="run driver specs (pytest with the hubhost plugin)")
-    t.add_argument("paths", nargs="*", default=["."])
-    t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments after --")
+    t = sub.add_parser("test", help="run driver specs (pytest with the hubhost plugin)",
+                       usage="hubhost test [PATHS...] [PYTEST OPTIONS...]",
+                       description="Run Lua specs (*_spec.lua) and any Python tests under PATHS "
+                                   "(default: the current folder). Every argument goes to pytest: "
+                                   "-k NAME, -x, --lf, -v, --junitxml=FILE, ...")
+    t.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="paths and pytest options")
     t.set_defaults(func=_cmd_test)
 
     d = sub.add_parser("datastore", help="print a driver's persisted datastore as JSON (read-only)")
@@ -131,6 +168,9 @@ def _extra_commands() -> list[Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["test"] and argv[1:2] not in (["-h"], ["--help"]):
+        return run_tests(argv[1:])   # pytest parses these, options included
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
