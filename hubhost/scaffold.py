@@ -5,20 +5,25 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-INIT = '''local driver_helper = require "driver_helper"
-local log = require "log"
+INIT = '''-- {name}: a hubhost driver. See docs/driver-guide.md for the API.
+local driver_helper = require "driver_helper"
 
 local driver = driver_helper.init {
   name = "{name}",
   lifecycle = {
     init = function(driver, device)
-      log.info("device", device.id, "started")
+      device.log.info("started")
+      -- persistent_store survives restarts and reboots; status is published to the hub
+      device.status.pings = device.persistent_store.pings or 0
     end,
   },
   functions = {
     ping = {
       params = {},
       handler = function(driver, device, args)
+        local store = device.persistent_store
+        store.pings = (store.pings or 0) + 1
+        device.status.pings = store.pings
         return "pong"
       end,
     },
@@ -28,12 +33,29 @@ local driver = driver_helper.init {
 return driver
 '''
 
-SPEC = '''local test = require "hubhost.test"
+SPEC = '''-- Specs for {name}: run them with `hubhost test` in the driver's folder.
+local test = require "hubhost.test"
 
 describe("{name}", function()
-  it("loads and answers ping", function()
-    local d = test.load_driver("..", { devices = { { id = "dev1" } } })
-    assert.are.equal("pong", d:exec("dev1", "ping", {}))
+  local h
+  before_each(function()
+    -- ".." is the driver folder, seen from this spec/ folder
+    h = test.load_driver("..", { devices = { { id = "dev1", config = {} } } })
+  end)
+
+  it("answers ping and counts it", function()
+    assert.are.equal("pong", h:exec("dev1", "ping"))
+    assert.are.equal(1, h:status("dev1", "pings"))
+  end)
+
+  it("keeps the count across a restart (the datastore is reloaded from disk)", function()
+    h:exec("dev1", "ping")
+    h:restart()
+    assert.are.equal(1, h:status("dev1", "pings"))
+  end)
+
+  it("logs when a device starts", function()
+    assert.is_true(h:logged("started"))
   end)
 end)
 '''
