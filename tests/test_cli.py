@@ -57,6 +57,10 @@ def test_new_scaffolds_a_driver_that_checks(tmp_path: Path) -> None:
     d = tmp_path / "my-projector"
     assert (d / "init.lua").is_file() and list((d / "spec").glob("*_spec.lua"))
     assert _run("check", str(d)).returncode == 0
+    # the scaffolded spec passes with the test kit, run the way an author runs it
+    tested = _run("test", "-p", "no:cacheprovider", "-q", cwd=d)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "3 passed" in tested.stdout
     again = _run("new", "my-projector", "--dir", str(tmp_path))
     assert again.returncode == 2 and "already exists" in again.stderr
     bad = _run("new", "Bad Name", "--dir", str(tmp_path))
