@@ -183,7 +183,7 @@ def bench_writes(tmp: Path, quick: bool) -> None:
 def bench_assign(tmp: Path, quick: bool) -> None:
     rt, _ = new_runtime(tmp / "a")
     fn = rt.sandbox.compile(ASSIGN_LOOP, "bench_assign")
-    build, assign = fn(1000, 10, 5 if quick else 15)
+    build, assign = fn(1000, 10, 15 if quick else 40)
     result("assign_nested_10k", (build + assign) / build,
            f"build={build * 1e3:.2f}ms assign={assign * 1e3:.2f}ms "
            f"(ratio = build+assign vs build; assign alone = {assign / build:.2f}x)")

@@ -104,12 +104,21 @@ local function utf8_ok(s)
   return true
 end
 
+local function has_high_byte(s, n)
+  if n > 32 then return find(s, "[\128-\255]") ~= nil end   -- C scan (not compiled)
+  for i = 1, n do                                             -- short: a compiled loop
+    if byte(s, i) >= 128 then return true end
+  end
+  return false
+end
+
 local ok_strings, ok_count = {}, 0
 local function check_string(s, is_key)
-  if find(s, "[\128-\255]") and not utf8_ok(s) then
+  local n = slen(s)
+  if has_high_byte(s, n) and not utf8_ok(s) then
     fail((is_key and "key " or "") .. show(s) .. " is not valid UTF-8")
   end
-  if slen(s) <= 64 then
+  if n <= 64 then
     if ok_count >= 4096 then ok_strings, ok_count = {}, 0 end
     ok_strings[s] = true
     ok_count = ok_count + 1
@@ -121,9 +130,13 @@ end
 --   __index = b (the backing table; the root's b has the methods behind it),
 --   __newindex (the guard), __metatable = false, __ext = the shared metamethods,
 --   depth (0 = root), live (in the store), top (the node's depth-1 ancestor, whose
---   cached JSON a write must invalidate), json (a depth-1 node's cached JSON text).
+--   cached JSON a write must invalidate), json (true while a depth-1 node's JSON text is
+--   cached in root_json), rkey (a depth-1 node's key in the root).
 local make_guard, prepare, detach, lazy_guard
 local EXT = {}
+-- root key -> cached `"key":<json>` text of the depth-1 node stored there. Kept flat (not
+-- in the nodes) so a flush walks one table instead of chasing two pointers per entry.
+local root_json = {}
 
 local function backing(p) return rawget(p, NODE).__index end
 
@@ -156,9 +169,15 @@ end
 
 local function is_node(v) return type(v) == "table" and rawget(v, NODE) ~= nil end
 
+local function drop_cache(top)
+  top.json = nil
+  local rk = top.rkey
+  if rk ~= nil then root_json[rk] = nil end
+end
+
 local function invalidate(mt)
   local top = mt.top
-  if top ~= nil then top.json = nil end
+  if top ~= nil and top.json ~= nil then drop_cache(top) end
 end
 
 -- Re-home a subtree: live state, depth and top. Guards are re-made lazily (they capture
@@ -193,7 +212,6 @@ local function copy_node(p, depth, live, top)
   local src = smt.__index
   local b = tnew(rawlen(src), 0)
   local mt = new_mt(b, depth, live, top)
-  if depth == 1 and smt.top == smt then mt.json = smt.json end
   local ctop = mt.top
   for k, x in next, src do
     if type(x) == "table" then x = copy_node(x, depth + 1, live, ctop) end
@@ -268,7 +286,12 @@ local function set_slow(p, b, mt, k, v, old, tv)
   if to == "table" then detach(old) end
   b[k] = v
   if mt.live then changed = true end
-  invalidate(mt)
+  if mt.depth == 0 then
+    root_json[k] = nil
+    if tv == "table" then rawget(v, NODE).rkey = k end
+  else
+    invalidate(mt)
+  end
 end
 
 -- One closure per written node (made on its first write, see lazy_guard): the hot path, a
@@ -290,7 +313,7 @@ function make_guard(b, mt, live, top)
       if to == "table" then detach(old) elseif to == "function" then return fail_reserved(k) end
       b[k] = v
       if live then changed = true end
-      if top ~= nil and top.json ~= nil then top.json = nil end
+      if top ~= nil and top.json ~= nil then drop_cache(top) end
       return
     end
     return set_slow(p, b, mt, k, v, old, tv)
@@ -545,17 +568,17 @@ end
 
 local top_buf = new_buffer()
 
--- depth-1 nodes: from the cache, or encoded once into it
-local function encode_top(buf, p)
+-- `"key":<json>` of a depth-1 node, encoded once into root_json until a write below it
+local function encode_top(k, p)
+  top_buf:reset()
+  put_string(top_buf, k)
+  top_buf:put(":")
+  encode_node(top_buf, p)
+  local j = top_buf:tostring()
   local mt = rawget(p, NODE)
-  local j = mt.json
-  if j == nil then
-    top_buf:reset()
-    encode_node(top_buf, p)
-    j = top_buf:tostring()
-    mt.json = j
-  end
-  buf:put(j)
+  mt.json, mt.rkey = true, k
+  root_json[k] = j
+  return j
 end
 
 local out_buf = new_buffer()   -- kept between snapshots: no regrowth of a ~store-sized buffer
@@ -565,11 +588,15 @@ local function encode_root(r)
   buf:reset()
   local sep = "{"
   for k, v in next, backing(r) do
-    buf:put(sep)
+    if type(v) == "table" then
+      buf:put(sep, root_json[k] or encode_top(k, v))
+    else
+      buf:put(sep)
+      put_string(buf, k)
+      buf:put(":")
+      put_value(buf, v)
+    end
     sep = ","
-    put_string(buf, k)
-    buf:put(":")
-    if type(v) == "table" then encode_top(buf, v) else put_value(buf, v) end
   end
   if sep == "{" then buf:put("{}") else buf:put("}") end
   local s = buf:tostring()
@@ -711,6 +738,7 @@ function dec_members(s, pos, depth, b, top)
         note_drop("the reserved root key " .. show(k))
       else
         b[k] = v
+        if depth == 0 and type(v) == "table" then rawget(v, NODE).rkey = k end
       end
     end
     pos, c = skip_ws(s, pos)
@@ -838,6 +866,7 @@ function H.load(json)
     if type(x) == "table" then detach(x) end
   end
   local b = new_root_backing()
+  root_json = {}
   dec_members(json, pos + 1, 0, b, nil)
   mt.__index, mt.__newindex = b, lazy_guard   -- the root proxy keeps its identity
   changed, snap_seq, disk_seq = false, 0, 0

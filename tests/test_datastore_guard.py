@@ -435,3 +435,94 @@ def test_binding_loads_into_a_new_runtime_and_flushes_synchronously(tmp_path: Pa
     b2 = DatastoreBinding(rt, state)
     assert b2.data() == {"v": [1, 2, 3]}
     assert DatastoreBinding.of(rt) is b2
+
+
+# -- the saved file always matches what drivers see (cached JSON of subtrees) ------------------
+
+MUTATE = r"""
+local codes, check = ...
+local ds = require("datastore").init()
+local K = { "a", "b", "c", "__dev" }
+local S = { "x", "y", "z" }
+local i = 0
+local function nxt() i = i + 1 return codes[(i - 1) % #codes + 1] end
+local function node_at(depth)          -- a random table in the store (or nil)
+  local t = ds[K[nxt() % #K + 1]]
+  for _ = 1, depth do
+    if type(t) ~= "table" then return nil end
+    local n = #t
+    local c = (n > 0 and t[nxt() % n + 1]) or t[S[nxt() % #S + 1]]
+    if type(c) ~= "table" then return t end
+    t = c
+  end
+  return type(t) == "table" and t or nil
+end
+local function value()
+  local c = nxt() % 6
+  if c == 0 then return nxt() end
+  if c == 1 then return "s" .. nxt() end
+  if c == 2 then return { x = nxt(), y = { nxt(), nxt() } } end
+  if c == 3 then return { nxt(), { z = "q" } } end
+  if c == 4 then return nil end
+  return nxt() % 2 == 0
+end
+local detached = {}
+for step = 1, #codes do
+  local op = nxt() % 10
+  local t = node_at(nxt() % 3)
+  pcall(function()
+    if op == 0 then ds[K[nxt() % #K + 1]] = value()
+    elseif op == 1 and t then t[S[nxt() % #S + 1]] = value()
+    elseif op == 2 and t then t[#t + 1] = value()
+    elseif op == 3 and t then table.insert(t, 1, value())
+    elseif op == 4 and t then detached[#detached + 1] = table.remove(t)
+    elseif op == 5 and t then table.sort(t, function(p, q) return tostring(p) < tostring(q) end)
+    elseif op == 6 and t and #detached > 0 then t[S[nxt() % #S + 1]] = table.remove(detached)
+    elseif op == 7 and t then ds[K[nxt() % #K + 1]] = t            -- a copy of a live node
+    elseif op == 8 and t then
+      local k = K[nxt() % #K + 1]
+      detached[#detached + 1] = ds[k]
+      ds[k] = nil
+    elseif op == 9 then
+      for _, d in ipairs(detached) do if type(d) == "table" then d[S[nxt() % #S + 1]] = nxt() end end
+    end
+  end)
+  if step % 5 == 0 then
+    assert(ds:save())
+    check(dump(ds))
+  end
+end
+"""
+
+
+def canon_json(v: object) -> str:
+    """kit.DUMP's text for the Lua value a JSON value loads as."""
+    if isinstance(v, bool):
+        return "b:" + ("true" if v else "false")
+    if isinstance(v, (int, float)):
+        return f"n:{float(v):.17g}"
+    if isinstance(v, str):
+        return "s:" + v.encode().hex()
+    items = (enumerate(v, 1) if isinstance(v, list) else v.items())
+    return "{" + ",".join(sorted(
+        (f"n:{float(k):.17g}" if isinstance(k, int) else "s:" + k.encode().hex()) + "=" + canon_json(x)
+        for k, x in items)) + "}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(codes=st.lists(st.integers(0, 1000), min_size=10, max_size=120))
+def test_every_save_writes_exactly_what_drivers_see(tmp_path_factory: pytest.TempPathFactory, codes) -> None:
+    kit = Kit(tmp_path_factory.mktemp("mutate"))
+    path = kit.binding.store.path
+    checked = []
+
+    def check(dump: bytes) -> None:
+        on_disk = canon_json(orjson.loads(path.read_bytes())) if path.exists() else "{}"
+        assert on_disk == text(dump)
+        checked.append(1)
+
+    kit.fn("return function(...) " + MUTATE + " end")(kit.rt.lua.table_from(codes), check)
+    assert len(checked) == len(codes) // 5
+    if path.exists():          # and a new runtime loads the same content
+        fresh = Kit(path.parent)
+        assert text(fresh.run('return dump(require("datastore").init())')) == canon_json(orjson.loads(path.read_bytes()))
