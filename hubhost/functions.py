@@ -250,6 +250,7 @@ def check_level(level: str) -> str:
 
 @dataclass
 class _LuaSide:
+    api: Any        # the driver_functions module table
     invoke: Any
     deliver: Any
     driver: Any
@@ -332,7 +333,7 @@ class FunctionHost:
         except (LuaError, ValueError) as e:
             log.error("[%s] cannot build the driver's interface: %s", slot.id, e)
             iface = Interface('{"functions":{},"implements":[],"requirements":{},"security":{}}')
-        self._lua[rt] = _LuaSide(api.invoke, api.deliver, driver)
+        self._lua[rt] = _LuaSide(api, api.invoke, api.deliver, driver)
         self.interfaces[slot.id] = iface
         self.sup.loop.call_soon_threadsafe(self._publish_interface, slot, iface)
 
@@ -425,11 +426,22 @@ class FunctionHost:
         except (OverflowError, TypeError, LuaError) as e:   # validation should have caught it
             self._fn_done(rt, cid, False, f"arguments could not be passed to Lua: {e}".encode())
             return
-        rt.call(f"function {name} [{device_id}]", side.invoke, side.driver, device_id.encode(),
-                name.encode(), lua_args, cid)
+        # A handler that finishes without waiting leaves its outcome in the Lua module
+        # (api.sync_*) instead of calling back into Python from inside the call: fewer GIL
+        # round trips while the loop thread is busy, and one wake-up of the loop at the end.
+        api = side.api
+        api.sync_id = cid
+        try:
+            rt.call(f"function {name} [{device_id}]", side.invoke, side.driver, device_id.encode(),
+                    name.encode(), lua_args, cid)
+        finally:
+            ok, payload = api.sync_ok, api.sync_payload
+            api.sync_id = api.sync_ok = api.sync_payload = None
+        if ok is not None:
+            self.sup.loop.call_soon_threadsafe(self._finish, cid, bool(ok), payload)
 
     def _fn_done(self, rt: DriverRuntime, cid: int, ok: bool, payload: bytes) -> None:
-        """host.fn_done from lua/driver_functions.lua (driver thread)."""
+        """host.fn_done from lua/driver_functions.lua (driver thread): a call that waited."""
         self.sup.loop.call_soon_threadsafe(self._finish, cid, bool(ok), payload)
 
     def _finish(self, cid: int, ok: bool, payload: bytes) -> None:

@@ -473,13 +473,21 @@ local function host_fn(name)
 end
 
 --- Handler body for one call: runs the function's handler and reports the outcome once.
+-- While the host is inside the call that started `call_id` (M.sync_id == call_id), the
+-- outcome is left in M.sync_ok / M.sync_payload for it to pick up when the call returns:
+-- one crossing into Python fewer for handlers that finish without waiting.
+M.sync_id, M.sync_ok, M.sync_payload = nil, nil, nil
+
 function M.invoke(driver, device_id, name, args, call_id)
-  local done = host_fn("fn_done")
   local reported = false
   local function report(ok, payload)
     if reported then return end
     reported = true
-    done(call_id, ok, payload)
+    if M.sync_id == call_id then
+      M.sync_ok, M.sync_payload = ok, payload
+    else
+      host_fn("fn_done")(call_id, ok, payload)
+    end
   end
   local spec = driver.functions and driver.functions[name]
   local device = caps.devices()[device_id]

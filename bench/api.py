@@ -1,0 +1,288 @@
+"""API benchmarks (issue 7). RESULT lines (DESIGN section 7): ratio = ours / baseline.
+
+- exec: round trip of `POST /api/v1/exec` over the hub's Unix socket to a trivial Lua
+  function (validation, the hop to the driver's thread, a handler coroutine, the JSON
+  result back), p50 and p99, against a bare aiohttp handler on the same kind of socket
+  that reads the body and returns a constant. Target: p50 ratio <= 2.
+- exec_vs_thread_hop: ours against an aiohttp handler that makes only the round trip to a
+  bare driver thread (actor.py) that every exec needs by design: our cost beyond the hop.
+- fanout: one status change delivered to 100 WebSocket subscribers (indirect
+  subscriptions through the system index), time from the change until the last client
+  has it, against a bare aiohttp server sending one message to the same 100 sockets.
+  Target: p50 ratio <= 2.
+
+Both servers run in one event loop; the clients run in a separate process and alternate
+between ours and the baseline in small blocks, so both see the same machine load.
+`python bench/api.py [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent.parent))
+
+DRIVER = """
+local driver_helper = require "driver_helper"
+return driver_helper.init {
+  name = "bench",
+  functions = { nop = { params = { x = { "Int32", 0 } }, handler = function(d, device, args) return args.x end } },
+}
+"""
+
+CONFIG = """
+[[drivers]]
+id = "bench"
+path = "bench"
+[[drivers.devices]]
+id = "d1"
+system = "s1"
+module = "Display"
+index = 1
+"""
+
+EXEC_BODY = b'{"device":"d1","function":"nop","args":{"x":1}}'
+SUBSCRIBERS = 100
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def result(name: str, ours: list[float], base: list[float]) -> None:
+    p50o, p50b = statistics.median(ours), statistics.median(base)
+    p99o, p99b = quantile(ours, 0.99), quantile(base, 0.99)
+    print(f"RESULT {name} ratio={p50o / p50b:.2f} p50_us={p50o * 1e6:.0f} base_p50_us={p50b * 1e6:.0f} "
+          f"p99_us={p99o * 1e6:.0f} base_p99_us={p99b * 1e6:.0f} p99_ratio={p99o / p99b:.2f} n={len(ours)}",
+          flush=True)
+
+
+# -- clients (run in a child process) --------------------------------------------------------
+# Ours and the baseline are measured in alternating blocks by one client, so both see the
+# same machine load (other work on a shared 2-core box shifts absolute times a lot).
+
+BLOCK = 50
+
+
+def _http_exec(s: socket.socket, req: bytes, buf: bytes) -> bytes:
+    s.sendall(req)
+    while True:
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = buf[:head_end].lower()
+            k = head.index(b"content-length:") + 15
+            length = int(head[k:].split(b"\r\n", 1)[0])
+            total = head_end + 4 + length
+            if len(buf) >= total:
+                if not buf.startswith(b"HTTP/1.1 200"):
+                    raise SystemExit(f"bad answer: {buf[:200]!r}")
+                return buf[total:]
+        buf += s.recv(65536)
+
+
+def client_exec(targets: list[tuple[str, str]], n: int) -> None:
+    """Sequential keep-alive requests over raw sockets, one per (socket, url) target, in
+    rotating blocks; prints every target's latencies as JSON."""
+    socks, reqs = [], []
+    for path, url in targets:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        socks.append(s)
+        reqs.append((b"POST %s HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (url.encode(), len(EXEC_BODY))) + EXEC_BODY)
+    k = len(targets)
+    times: list[list[float]] = [[] for _ in range(k)]
+    bufs = [b""] * k
+    perf = time.perf_counter
+    for block in range(n // BLOCK):
+        for j in range(k):
+            side = (block + j) % k
+            s, req, out = socks[side], reqs[side], times[side]
+            for _ in range(BLOCK):
+                t0 = perf()
+                bufs[side] = _http_exec(s, req, bufs[side])
+                out.append(perf() - t0)
+    warm = len(times[0]) // 10
+    print(json.dumps([t[warm:] for t in times]), flush=True)
+
+
+async def client_fanout(ours_path: str, base_path: str, rounds: int) -> None:
+    """100 WebSocket clients on each server. Each round the server changes something
+    (ours first or the baseline first, alternating); the client reports when the last of
+    the 100 sockets has the message."""
+    import aiohttp
+
+    sessions, groups = [], []
+    for path, bind in ((ours_path, True), (base_path, False)):
+        session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path, limit=0))
+        sessions.append(session)
+        wss = [await session.ws_connect("http://hub/api/v1/ws") for _ in range(SUBSCRIBERS)]
+        if bind:
+            for ws in wss:
+                await ws.send_str('{"id":1,"type":"bind","sys":"s1","mod":"Display","index":1,"name":"power"}')
+                assert json.loads((await ws.receive()).data)["type"] == "success"
+                await ws.receive()    # the current value
+        groups.append(wss)
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    for _ in range(rounds * 2):
+        side = int((await reader.readline()).strip())
+        await asyncio.gather(*(ws.receive() for ws in groups[side]))
+        print(f"done {time.monotonic()!r}", flush=True)
+    for wss in groups:
+        for ws in wss:
+            await ws.close()
+    for session in sessions:
+        await session.close()
+
+
+# -- servers ------------------------------------------------------------------------------
+
+async def baseline_app(sock_path: Path) -> tuple[Any, list[Any]]:
+    from aiohttp import web
+
+    from hubhost.actor import Actor
+
+    wss: list[Any] = []
+
+    async def exec_handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b'{"result":1}', content_type="application/json")
+
+    hop = Actor("bench-hop")   # a bare driver thread: the hop every exec makes, and nothing else
+
+    async def exec_hop_handler(request: web.Request) -> web.Response:
+        await request.read()
+        body = await hop.call(asyncio.get_running_loop(), bytes, b'{"result":1}')
+        return web.Response(body=body, content_type="application/json")
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        wss.append(ws)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_post("/api/v1/exec", exec_handler)
+    app.router.add_post("/api/v1/exec_hop", exec_hop_handler)
+    app.router.add_get("/api/v1/ws", ws_handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.UnixSite(runner, str(sock_path)).start()
+    return runner, wss
+
+
+async def start_hub(tmp: Path) -> Any:
+    from hubhost import config as config_mod
+    from hubhost.hub import install_parts
+    from hubhost.supervisor import Supervisor
+
+    (tmp / "bench").mkdir(exist_ok=True)
+    (tmp / "bench" / "init.lua").write_text(textwrap.dedent(DRIVER))
+    cfg_path = tmp / "hub.toml"
+    cfg_path.write_text(CONFIG + f'\n[api]\nsocket = "{tmp / "hub.sock"}"\n')
+    sup = Supervisor(config_mod.load(cfg_path), tmp / "state")
+    install_parts(sup)
+    await sup.start()
+    return sup
+
+
+async def spawn_client(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(sys.executable, str(HERE), "--client", *args,
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+async def bench_exec(sup: Any, base_sock: Path, n: int) -> None:
+    targets = [(str(sup.api.socket_path), "/api/v1/exec"), (str(base_sock), "/api/v1/exec"),
+               (str(base_sock), "/api/v1/exec_hop")]
+    proc = await spawn_client("exec", json.dumps(targets), str(n))
+    out, _ = await proc.communicate()
+    if proc.returncode:
+        raise SystemExit("exec client failed")
+    ours, base, hop = json.loads(out)
+    result("exec", ours, base)
+    # the same, against a handler that only makes the round trip to a driver-like thread
+    # that every exec needs (DESIGN section 2: a thread per driver): what is left is ours
+    result("exec_vs_thread_hop", ours, hop)
+
+
+async def bench_fanout(sup: Any, base_sock: Path, wss: list[Any], rounds: int) -> None:
+    payload = ('{"type":"notify","ref":1,"meta":{"sys":"s1","mod":"Display","index":1,"name":"power"},'
+               '"value":%d}')
+    sup.status.set("d1", "power", "0")
+    proc = await spawn_client("fanout", str(sup.api.socket_path), str(base_sock), str(rounds))
+    assert proc.stdout is not None and proc.stdin is not None
+    line = await proc.stdout.readline()
+    assert line.strip() == b"ready", line
+    await asyncio.sleep(0.2)
+    times: list[list[float]] = [[], []]
+    for i in range(rounds):
+        for side in (i % 2, 1 - i % 2):
+            proc.stdin.write(b"%d\n" % side)
+            await proc.stdin.drain()
+            await asyncio.sleep(0.005)   # the client is waiting on its sockets now
+            t0 = time.monotonic()
+            if side == 0:
+                sup.status.set("d1", "power", str(i + 1))
+            else:
+                text = payload % i
+                for ws in wss:
+                    await ws.send_str(text)
+            line = await proc.stdout.readline()
+            times[side].append(float(line.split()[1]) - t0)
+    await proc.wait()
+    warm = rounds // 10
+    result("fanout", times[0][warm:], times[1][warm:])
+
+
+async def bench_all(tmp: Path, quick: bool) -> None:
+    base_sock = tmp / "base.sock"
+    runner, wss = await baseline_app(base_sock)
+    sup = await start_hub(tmp)
+    try:
+        await bench_exec(sup, base_sock, 4000 if quick else 20000)
+        await bench_fanout(sup, base_sock, wss, 100 if quick else 500)
+    finally:
+        await sup.stop()
+        await runner.cleanup()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        kind = sys.argv[2]
+        if kind == "exec":
+            client_exec([tuple(t) for t in json.loads(sys.argv[3])], int(sys.argv[4]))
+        else:
+            asyncio.run(client_fanout(sys.argv[3], sys.argv[4], int(sys.argv[5])))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a run under 60 s")
+    args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="hhb") as d:
+        asyncio.run(bench_all(Path(d), args.quick))
+
+
+if __name__ == "__main__":
+    os.environ.pop("NOTIFY_SOCKET", None)
+    main()
