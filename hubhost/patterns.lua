@@ -75,6 +75,8 @@ local PLAIN_PREFIX = opts.plain_prefix or 256     -- longer needles: find the pr
 local VERIFY_CHUNK = opts.verify_chunk or 65536   -- bytes compared per verification step
 local MIN_WINDOW = opts.min_window or 64          -- fewer starts per window: not worth a copy
 local CACHE_MAX = 512                             -- analysed patterns kept (strings never weak)
+local CACHE_LEN = 4096                            -- longer patterns are analysed on every call
+local SCAN_CHUNK = 65536                          -- bytes per C scan of a pattern or replacement
 
 -- Cost units besides pattern steps (one unit ~ one worst-case pattern step, see the header).
 local PLAIN_CANDIDATE = 3      -- plain find: per candidate start (memchr hit + memcmp call)
@@ -572,6 +574,14 @@ end
 
 local SPECIALS = "[%^%$%*%+%?%.%(%[%%%-]"
 
+--- lj_str_haspattern, in bounded C calls.
+local function has_specials(p)
+  for i = 1, #p, SCAN_CHUNK do
+    if c_find(sub(p, i, i + SCAN_CHUNK - 1), SPECIALS) then return true end
+  end
+  return false
+end
+
 local cache, cache_n = {}, 0
 
 --- Analysis for find / match / gsub (a leading '^' anchors).
@@ -581,7 +591,7 @@ local function analyse(p)
   local anchored = byte(p, 1) == 94
   local a = analyse_body(anchored and sub(p, 2) or p)
   a.anchored = anchored
-  a.haspattern = c_find(p, SPECIALS) ~= nil
+  a.haspattern = has_specials(p)
   a.plain_m = #p
   a.maxn_plain = plain_maxn(#p)
   a.maxn_pat = anchored and max_len(a.U, a.K, MAX_C_STEPS) or a.maxn
@@ -589,9 +599,11 @@ local function analyse(p)
   -- gsub: half the budget for the scan, half for the replacements (checked per call)
   a.maxn_gsub = anchored and max_len(a.U, a.K, MAX_C_STEPS / 2)
                 or max_len(a.U + 1, a.K, MAX_C_STEPS / 2)
-  if cache_n >= CACHE_MAX then cache, cache_n = {}, 0 end
-  cache[p] = a
-  cache_n = cache_n + 1
+  if #p <= CACHE_LEN then
+    if cache_n >= CACHE_MAX then cache, cache_n = {}, 0 end
+    cache[p] = a
+    cache_n = cache_n + 1
+  end
   return a
 end
 
@@ -989,15 +1001,26 @@ end
 
 local rcache, rcache_n = {}, 0
 
+--- Number of '%' bytes in s, in bounded C calls.
+local function count_escapes(s)
+  local refs = 0
+  for i = 1, #s, SCAN_CHUNK do
+    local _, k = c_gsub(sub(s, i, i + SCAN_CHUNK - 1), "%%", "")
+    refs = refs + k
+  end
+  return refs
+end
+
 --- Cost units of building one replacement string in C (add_s); cached per string.
 local function repl_string_cost(repl)
   local c = rcache[repl]
   if c then return c end
-  local _, refs = c_gsub(repl, "%%", "")
-  c = GSUB_MATCH + #repl * GSUB_BYTE + refs * GSUB_REF
-  if rcache_n >= CACHE_MAX then rcache, rcache_n = {}, 0 end
-  rcache[repl] = c
-  rcache_n = rcache_n + 1
+  c = GSUB_MATCH + #repl * GSUB_BYTE + count_escapes(repl) * GSUB_REF
+  if #repl <= CACHE_LEN then
+    if rcache_n >= CACHE_MAX then rcache, rcache_n = {}, 0 end
+    rcache[repl] = c
+    rcache_n = rcache_n + 1
+  end
   return c
 end
 
@@ -1031,8 +1054,7 @@ local function gsub(...)
   if n <= info.maxn_gsub then
     local pm = repl_cost(repl, tr)
     if tr == "string" and next(info.poscap) == nil then
-      local _, refs = c_gsub(repl, "%%", "")        -- no position captures: %n is a memcpy
-      pm = pm - refs * (GSUB_REF - GSUB_BYTE)
+      pm = pm - count_escapes(repl) * (GSUB_REF - GSUB_BYTE)  -- no positions: %n is a memcpy
     end
     if (n + 1) * pm <= MAX_C_STEPS / 2 then return c_gsub(...) end
   end

@@ -510,6 +510,8 @@ PATHOLOGICAL = {
     "gsub_1mb": 'return P.gsub(("a"):rep(1048576), "a-b", "x")',
     "gsub_1mb_fn": 'return P.gsub(("a"):rep(1048576), "(a*)b", function(x) return x end)',
     "frontier_lazy": 'return P.find(("ab"):rep(5000), "%f[%a].-%f[%A].-x")',
+    "huge_pattern": 'return P.find(("a"):rep(100000), ("[ab]"):rep(2000000) .. "c")',
+    "huge_replacement": 'return P.gsub(("a"):rep(100000), "a", ("%%"):rep(4000000))',
 }
 
 
