@@ -611,6 +611,11 @@ async def reload_config(sup: Any) -> dict[str, list[str]]:
 
 # -- wiring ---------------------------------------------------------------------------------
 
+def subs_owned(sup: Any) -> list[str]:
+    """Systems the running config defines (their index comes from the config, not Redis)."""
+    return [dev.system for d in sup.config.drivers for dev in d.devices if dev.system]
+
+
 def install(sup: Any) -> None:
     """Plug functions, subscriptions, the API server and config reload into `sup`."""
     from .hub import device_systems
@@ -628,8 +633,18 @@ def install(sup: Any) -> None:
     if sup.reloader is None:
         sup.reloader = reload_config
 
+    watcher = None
+    if sup.config.redis is not None:
+        from .mirror import Keys
+        from .subscriptions import LookupWatcher
+
+        watcher = LookupWatcher(subs, sup.config.redis.url, Keys(sup.config.redis.prefix),
+                                lambda: set(subs_owned(sup)))
+
     async def start() -> None:
         subs.start(asyncio.get_running_loop())
+        if watcher is not None:
+            watcher.start()
         if settings.enabled:
             try:
                 await server.start()
@@ -638,6 +653,8 @@ def install(sup: Any) -> None:
 
     async def stop(s: Any) -> None:
         await server.stop()
+        if watcher is not None:
+            await watcher.stop()
         subs.stop()
 
     sup.pre_start_hooks.append(start)

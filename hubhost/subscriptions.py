@@ -29,7 +29,7 @@ from typing import Any
 
 from .status import StatusStore
 
-__all__ = ["Subscriptions", "Subscriber", "Callback"]
+__all__ = ["Subscriptions", "Subscriber", "Callback", "LookupWatcher"]
 
 log = logging.getLogger("hubhost.subscriptions")
 
@@ -260,3 +260,63 @@ class Subscriber:
 
     def refs(self) -> list[int]:
         return list(self._subs)
+
+
+class LookupWatcher:
+    """Follows `PUBLISH lookup-change <system_id>` on Redis: the system's index is re-read
+    from `system/<id>` and subscriptions re-resolve. Systems this hub's config defines are
+    left alone (the config is their source, and the hub's own rewrites echo here); the
+    watcher is for indexes others maintain. Reconnects with backoff; never raises."""
+
+    def __init__(self, subs: Subscriptions, url: str, keys: Any, owned: Callable[[], set[str]]) -> None:
+        self._subs = subs
+        self._url = url
+        self._keys = keys
+        self._owned = owned
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="hubhost-lookup-change")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - cancelled on purpose
+                pass
+
+    async def _run(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        delay = 0.1
+        while True:
+            client = aioredis.Redis.from_url(self._url, socket_timeout=None, socket_connect_timeout=2)
+            try:
+                pubsub = client.pubsub()
+                await pubsub.subscribe(self._keys.lookup_change())
+                delay = 0.1
+                async for msg in pubsub.listen():
+                    if msg.get("type") != "message":
+                        continue
+                    data = msg["data"]
+                    system = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+                    if system in self._owned():
+                        continue
+                    raw = await client.hgetall(self._keys.system(system))
+                    mapping = {k.decode(): v.decode() for k, v in raw.items()}
+                    self._subs.set_system(system, mapping or None)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, UnicodeDecodeError) as e:
+                log.debug("lookup-change watcher: %s; retrying in %.1f s", e, delay)
+            finally:
+                try:
+                    await client.aclose()
+                except Exception:  # noqa: BLE001 - closing a broken connection
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -269,3 +270,56 @@ def test_lua_subscriptions_die_with_their_runtime(tmp_path: Path) -> None:
             assert len(cap.lines("SEEN after")) == 1
 
     run(crash_cycle())
+
+
+def test_lookup_change_from_redis_re_resolves(tmp_path: Path, redis_server: Any) -> None:
+    """A system index someone else keeps in Redis: `lookup-change <id>` makes the hub re-read
+    it and move subscriptions; systems the hub's own config defines are not overridden."""
+    cfg = _hub(tmp_path)
+    cfg.write_text(cfg.read_text() + f"""
+[[drivers.devices]]
+id = "b"
+system = "s1"
+module = "Display"
+index = 2
+
+[redis]
+url = "{redis_server.url}"
+prefix = "p:"
+""")
+
+    async def main() -> None:
+        r = redis_server.client()
+        async with running_hub(cfg, tmp_path / "state") as (sup, cap):
+            deadline = time.monotonic() + 10
+            while r.pubsub_numsub("p:lookup-change")[0][1] < 1:
+                assert time.monotonic() < deadline, "the hub never subscribed to lookup-change"
+                await asyncio.sleep(0.02)
+            await sup.functions.exec("a", "set", {"value": "from-a"})
+            await sup.functions.exec("b", "set", {"value": "from-b"})
+            got: list[str] = []
+            sup.subscriptions.subscriber().subscribe("remote", "Panel", 1, "power", lambda ref, v: got.append(v))
+            assert got == []
+            r.hset("p:system/remote", mapping={"Panel/1": "a"})
+            r.publish("p:lookup-change", "remote")
+            deadline = time.monotonic() + 5
+            while got != ['"from-a"'] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert got == ['"from-a"']
+            r.hset("p:system/remote", mapping={"Panel/1": "b"})
+            r.publish("p:lookup-change", "remote")
+            while got[-1] != '"from-b"' and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert got == ['"from-a"', '"from-b"']
+            # s1 belongs to the config: a foreign rewrite is ignored
+            r.hset("p:system/s1", mapping={"Display/1": "b"})
+            r.publish("p:lookup-change", "s1")
+            await asyncio.sleep(0.3)
+            assert sup.subscriptions.resolve("s1", "Display", 1) == "a"
+            r.delete("p:system/remote")
+            r.publish("p:lookup-change", "remote")
+            while got[-1] != "null" and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert got[-1] == "null" and "remote" not in sup.subscriptions.index
+
+    run(main())
