@@ -129,9 +129,9 @@ end
 -- Nodes. A node's metatable `mt` holds:
 --   __index = b (the backing table; the root's b has the methods behind it),
 --   __newindex (the guard), __metatable = false, __ext = the shared metamethods,
---   depth (0 = root), live (in the store), top (the node's depth-1 ancestor, whose
---   cached JSON a write must invalidate), json (true while a depth-1 node's JSON text is
---   cached in root_json), rkey (a depth-1 node's key in the root).
+--   depth (0 = root), live (in the store), top (the cache cell of the node's depth-1
+--   subtree: { json = true while its text is in root_json, rkey = its key in the root },
+--   shared by every node of that subtree, so a write below knows what to invalidate).
 local make_guard, prepare, detach, lazy_guard
 local EXT = {}
 -- root key -> cached `"key":<json>` text of the depth-1 node stored there. Kept flat (not
@@ -157,7 +157,7 @@ EXT.__backing = backing
 local function new_mt(b, depth, live, top)
   local mt = { __index = b, __newindex = lazy_guard, __metatable = false, __ext = EXT,
                depth = depth, live = live, top = top }
-  if depth == 1 then mt.top = mt end
+  if depth == 1 then mt.top = {} end
   return mt
 end
 
@@ -180,15 +180,13 @@ local function invalidate(mt)
   if top ~= nil and top.json ~= nil then drop_cache(top) end
 end
 
--- Re-home a subtree: live state, depth and top. Guards are re-made lazily (they capture
--- these), cached JSON of nodes that stop being their own top is dropped.
+-- Re-home a subtree: live state, depth and cache cell. Guards are re-made lazily (they
+-- capture these). A depth-1 node that stays at depth 1 keeps its cell.
 local function set_state(p, live, depth, top)
   local mt = rawget(p, NODE)
-  if depth == 1 then top = mt end
+  if depth == 1 then top = (mt.depth == 1 and mt.top) or {} end
   if mt.live == live and mt.depth == depth and mt.top == top then return end
-  mt.live, mt.depth = live, depth
-  if mt.top ~= top or top ~= mt then mt.json = nil end
-  mt.top = top
+  mt.live, mt.depth, mt.top = live, depth, top
   mt.__newindex = lazy_guard
   for _, x in next, mt.__index do
     if type(x) == "table" then set_state(x, live, depth + 1, top) end
@@ -288,7 +286,7 @@ local function set_slow(p, b, mt, k, v, old, tv)
   if mt.live then changed = true end
   if mt.depth == 0 then
     root_json[k] = nil
-    if tv == "table" then rawget(v, NODE).rkey = k end
+    if tv == "table" then rawget(v, NODE).top.rkey = k end
   else
     invalidate(mt)
   end
@@ -575,8 +573,8 @@ local function encode_top(k, p)
   top_buf:put(":")
   encode_node(top_buf, p)
   local j = top_buf:tostring()
-  local mt = rawget(p, NODE)
-  mt.json, mt.rkey = true, k
+  local cell = rawget(p, NODE).top
+  cell.json, cell.rkey = true, k
   root_json[k] = j
   return j
 end
@@ -738,7 +736,7 @@ function dec_members(s, pos, depth, b, top)
         note_drop("the reserved root key " .. show(k))
       else
         b[k] = v
-        if depth == 0 and type(v) == "table" then rawget(v, NODE).rkey = k end
+        if depth == 0 and type(v) == "table" then rawget(v, NODE).top.rkey = k end
       end
     end
     pos, c = skip_ws(s, pos)
