@@ -939,7 +939,8 @@ local function gsub_work(s, p, info, repl, tr, max_s)
   local n = #s
   local anchored = info.anchored
   local eng = acquire(s, n, info.P)
-  local out, no = {}, 0
+  local out, no = {}, 0                               -- pieces of the result
+  local done, nd = {}, 0                              -- pieces collapsed 1024 at a time
   local pieces, np
   if tr == "string" then pieces, np = parse_repl(repl) end
   local args = {}
@@ -984,6 +985,11 @@ local function gsub_work(s, p, info, repl, tr, max_s)
       no = no + 1
       out[no] = v
     end
+    if no >= 1024 then
+      nd = nd + 1
+      done[nd] = concat(out, "", 1, no)
+      no = 0
+    end
     if me > ms then
       src, copied = me, me
     elseif ms <= n then
@@ -996,7 +1002,9 @@ local function gsub_work(s, p, info, repl, tr, max_s)
   end
   release(eng)
   if copied <= n then no = no + 1; out[no] = sub(s, copied, n) end
-  return concat(out, "", 1, no), count
+  nd = nd + 1
+  done[nd] = concat(out, "", 1, no)
+  return concat(done, "", 1, nd), count
 end
 
 local rcache, rcache_n = {}, 0
