@@ -446,6 +446,8 @@ class KitDriver:
         self.call_handler: Any = None
         self.subscriptions: dict[int, tuple[str, str, int, str]] = {}
         self._sub_ids = itertools.count(1)
+        self._api: Any = None            # lua/driver_functions.lua's host entry points
+        self._timers: dict[int, _Handle] = {}
         if datastore is not None:
             atomicfile.write_atomic(self.store.path, orjson.dumps(datastore))
         self._boot()
@@ -1016,6 +1018,11 @@ class KitHost:
         store = o.get("datastore")
         if store is not None and not isinstance(store, dict) and store != []:
             raise KitError(f"load_driver: datastore must be a table (the store's initial contents), got {store!r}")
+        if store is not None:
+            try:
+                orjson.dumps(store)
+            except TypeError as e:
+                raise KitError(f"load_driver: datastore must hold only JSON-like data: {e}") from None
         hid = next(self._ids)
         root = self.state_root() / str(hid)
         h = KitDriver(folder, root, driver_id=driver_id, devices=devices,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import glob
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -252,3 +253,19 @@ def test_hubhost_test_from_a_driver_folder(tmp_path: Path) -> None:
     (drv / "spec" / "lamp_spec.lua").unlink()
     r = hubhost_test()
     assert r.returncode == 5 and "no specs found" in r.stderr
+
+
+def test_the_guides_complete_example_passes(tmp_path: Path) -> None:
+    """docs/driver-guide.md's example driver and spec, extracted and run as written."""
+    guide = (ROOT / "docs" / "driver-guide.md").read_text()
+    blocks = re.findall(r"```lua\n-- file: (\S+)\n(.*?)```", guide, re.S)
+    assert {name for name, _ in blocks} == {"lamp/init.lua", "lamp/spec/lamp_spec.lua"}
+    for name, src in blocks:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(src)
+    spec = tmp_path / "lamp" / "spec" / "lamp_spec.lua"
+    tests = specrun.collect(spec)
+    assert len(tests) == 5
+    results = specrun.run(spec, [t.id for t in tests])
+    failed = {k: (r.message, r.trace) for k, r in results.items() if r.status != "success"}
+    assert not failed
