@@ -338,7 +338,7 @@ end
 
 -- Validate a table that is about to be placed at `depth` under `target`; changes nothing.
 -- seen[t] = depth already validated at (a DAG is fine), IN_PROGRESS on the current path.
-local function check_table(v, depth, target, seen)
+local function check_table(v, depth, target, seen, sizes)
   local d = seen[v]
   if d == IN_PROGRESS then fail(tostring(v) .. " contains itself (a cycle)") end
   if d and d >= depth then return end
@@ -367,7 +367,7 @@ local function check_table(v, depth, target, seen)
     end
     local tx = type(x)
     if tx == "table" then
-      check_table(x, depth + 1, target, seen)
+      check_table(x, depth + 1, target, seen, sizes)
     elseif tx == "number" then
       if x - x ~= 0 then bad_number(x) end
     elseif tx == "string" then
@@ -381,11 +381,12 @@ local function check_table(v, depth, target, seen)
     if maxi ~= nidx then fail(tostring(v) .. " is a sparse array (keys must be exactly 1..n)") end
   end
   seen[v] = depth
+  sizes[v] = nstr
 end
 
 -- Turn a validated value into what the store holds: plain tables become nodes in place,
 -- detached nodes are moved back, live nodes (and anything placed twice) are copied.
-local function place(v, depth, live, top, seen)
+local function place(v, depth, live, top, seen, sizes)
   local mt = rawget(v, NODE)
   if mt then
     if mt.live or seen[v] == MOVED then return copy_node(v, depth, live, top) end
@@ -394,18 +395,18 @@ local function place(v, depth, live, top, seen)
     return v
   end
   local n = rawlen(v)
-  local b = tnew(n, 0)
+  local b = tnew(n, sizes[v] or 0)
   local nmt = new_mt(b, depth, live, top)
   local ctop = nmt.top
   if n > 0 then
     for i = 1, n do
       local x = v[i]
-      if type(x) == "table" then x = place(x, depth + 1, live, ctop, seen) end
+      if type(x) == "table" then x = place(x, depth + 1, live, ctop, seen, sizes) end
       b[i] = x
     end
   else
     for k, x in next, v do
-      if type(x) == "table" then x = place(x, depth + 1, live, ctop, seen) end
+      if type(x) == "table" then x = place(x, depth + 1, live, ctop, seen, sizes) end
       b[k] = x
     end
   end
@@ -417,10 +418,10 @@ local function place(v, depth, live, top, seen)
 end
 
 function prepare(v, pmt, target)
-  local seen = {}
+  local seen, sizes = {}, {}
   local depth = pmt.depth + 1
-  check_table(v, depth, target, seen)
-  return place(v, depth, pmt.live, pmt.top, seen)
+  check_table(v, depth, target, seen, sizes)
+  return place(v, depth, pmt.live, pmt.top, seen, sizes)
 end
 
 ---------------------------------------------------------------------------------------------
