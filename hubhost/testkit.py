@@ -237,6 +237,7 @@ class _MockLink:
         self.connected = False
         self.wire = drv.wires.setdefault(dev.id, _Wire(up=dev.autoconnect))
         self._waiting: dict[_Future, tuple[DriverRuntime, int]] = {}   # request -> Lua wait
+        self._no_handler_logged = False
         tokenizer = None
         if pattern is not None:
             label = f"framing pattern [{dev.id}]".encode()
@@ -321,8 +322,10 @@ class _MockLink:
                 return
             done, has_handler = result
             if not has_handler:
-                drv.logger.warning("[%s/%s] the driver has no on_receive; received frames are dropped",
-                                   drv.id, self.id)
+                if not self._no_handler_logged:
+                    self._no_handler_logged = True
+                    drv.logger.warning("[%s/%s] the driver has no on_receive; received frames are "
+                                       "dropped", drv.id, self.id)
                 return
             i += int(done)
 

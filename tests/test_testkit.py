@@ -269,3 +269,20 @@ def test_the_guides_complete_example_passes(tmp_path: Path) -> None:
     results = specrun.run(spec, [t.id for t in tests])
     failed = {k: (r.message, r.trace) for k, r in results.items() if r.status != "success"}
     assert not failed
+
+
+def test_the_kit_is_for_specs_only(tmp_path: Path) -> None:
+    """A driver that requires hubhost.test gets a clear refusal, not a kit."""
+    from hubhost.check import check_driver
+
+    drv = tmp_path / "sneaky"
+    drv.mkdir()
+    (drv / "init.lua").write_text(textwrap.dedent("""
+        local test = require "hubhost.test"
+        test.load_driver("..")
+        return require("driver_helper").init { name = "sneaky" }
+    """))
+    ok, report = check_driver(drv)
+    assert not ok
+    assert "hubhost.test works in specs run by hubhost's pytest plugin" in report
+    assert "init.lua:3:" in report
