@@ -370,6 +370,11 @@ class _MockLink:
         self._waiting[fut] = (rt, token)
         fut.add_done_callback(self._request_done)
 
+    def answer(self, frame: bytes) -> None:
+        """device:answer from on_receive: the request in flight (if any) gets `frame`."""
+        if self.queue.answer(frame):
+            self._resume_answered()
+
     def _request_done(self, fut: _Future) -> None:
         entry = self._waiting.pop(fut, None)
         if entry is not None:
@@ -664,7 +669,7 @@ class KitDriver:
     def _link_answer(self, device_id: bytes, frame: Any) -> None:
         link = self.links.get(device_id.decode())
         if link is not None:
-            self.clock.post(link.queue.answer, bytes(frame) if frame else b"")
+            self.clock.post(link.answer, bytes(frame) if frame else b"")
 
     def _link_request(self, device_id: bytes, data: bytes, timeout: float, retries: float,
                       priority: float, name: Any, match: Any) -> None:
@@ -672,10 +677,7 @@ class KitDriver:
         self._next_request = (device_id, data, timeout, retries, priority, name, match)
 
     def _wait_request(self, rt: DriverRuntime, token: int, arg: Any) -> None:
-        if lupa.lua_type(arg) == "table":   # the glue's older form: the request in the wait
-            spec: tuple[Any, ...] | None = tuple(arg[i] for i in range(1, 8))
-        else:
-            spec, self._next_request = self._next_request, None
+        spec, self._next_request = self._next_request, None   # set by link_request just before
         if spec is None:
             self.clock.post(self._resume, rt, token, None, b"request: nothing to send")
             return
