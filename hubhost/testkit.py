@@ -249,14 +249,14 @@ class _MockLink:
                 return r[1], r[2]
 
         self.framer = make_framer(spec, tokenizer=tokenizer, on_overflow=self._overflow)
-        self.queue = RequestQueue(self._wire, logger=drv.logger, loop=drv.clock)  # type: ignore[arg-type]
+        self.queue = RequestQueue(self._write, logger=drv.logger, loop=drv.clock)  # type: ignore[arg-type]
 
     def _overflow(self, nbytes: int) -> None:
         self.drv.logger.warning("[%s/%s] dropped an oversized frame (%d bytes or more, max_frame %d)",
                                 self.drv.id, self.id, nbytes, self.framer.max_frame)
 
     # -- the wire --------------------------------------------------------------------------
-    def _wire(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> None:
         """Bytes leave the hub (device:send or a request): record them, wake the responder."""
         if not self.connected or self.closed:
             raise ConnectionError(f"{self.describe}: not connected")
@@ -354,7 +354,7 @@ class _MockLink:
         if not self.connected:
             return None, (f"{self.id} is not connected ({self.describe}); wait for the connected "
                           "handler, or use device:request, which returns nil, \"disconnected\"").encode()
-        self._wire(bytes(data))
+        self._write(bytes(data))
         return True, None
 
     def submit(self, rt: DriverRuntime, token: int, data: bytes, options: dict[str, Any]) -> None:
@@ -505,7 +505,7 @@ class KitDriver:
     def _boot(self) -> None:
         """What the supervisor does for a slot: runtime, datastore, links, functions, the
         entry chunk, then removed/added/init per device against the known-devices list."""
-        self._timers: dict[int, _Handle] = {}
+        self._timers = {}
         rt = DriverRuntime(self.id, self.dir, self, max_memory=self.max_memory, cpu_limit=self.cpu_limit,
                            state_dir=self.state_dir, logger=self.logger, status=self.status)
         self.rt = rt
@@ -538,7 +538,7 @@ class KitDriver:
         self.clock.call_later(self.flush_interval, self._flush_tick, rt)
         self.clock.settle()
         for f in self.failures[first_failure:]:
-            if f["label"].startswith(("init ", "added ", "entry")):
+            if f["label"].startswith(("init ", "added ")):
                 self._teardown()
                 self.state = "failed"
                 self._raised = len(self.failures)
