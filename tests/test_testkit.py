@@ -286,3 +286,50 @@ def test_the_kit_is_for_specs_only(tmp_path: Path) -> None:
     assert not ok
     assert "hubhost.test works in specs run by hubhost's pytest plugin" in report
     assert "init.lua:3:" in report
+
+
+def test_pattern_framing_and_cpu_limits_work_in_the_kit(pytester: pytest.Pytester) -> None:
+    _driver(pytester, """
+        local driver_helper = require "driver_helper"
+        return driver_helper.init_udp {
+          name = "stx",
+          -- frames are STX <len byte> <payload>; bytes before STX are noise
+          framing = { pattern = function(buf)
+            local start = buf:find("\\2", 1, true)
+            if not start then return nil, "" end
+            local n = buf:byte(start + 1)
+            if not n or #buf < start + 1 + n then return nil, buf:sub(start) end
+            return buf:sub(start + 2, start + 1 + n), buf:sub(start + 2 + n)
+          end },
+          on_receive = function(driver, device, frame)
+            if frame == "spin" then while true do end end
+            device.status.last = frame
+          end,
+          functions = { spin = { params = {}, handler = function() while true do end end } },
+        }
+    """, """
+        local test = require "hubhost.test"
+        describe("stx", function()
+          local h
+          before_each(function()
+            h = test.load_driver("..", { devices = { { id = "d" } }, config = { cpu_limit = 0.05 } })
+          end)
+          it("frames through the driver's pattern function", function()
+            h:feed("d", "xx\\2\\3ab")
+            assert.is_nil(h:status("d", "last"))
+            h:feed("d", "c\\2\\1z")
+            assert.are.equal("z", h:status("d", "last"))
+          end)
+          it("aborts a handler at its CPU limit", function()
+            local ok, err = pcall(h.feed, h, "d", "\\2\\4spin")
+            assert.is_false(ok)
+            assert.matches("handler on_receive %[d%] failed: cpu limit exceeded", err)
+            assert.are.equal("cpu", h:errors()[1].kind)
+            assert.has_error(function() h:exec("d", "spin") end)
+            h:feed("d", "\\2\\2ok")
+            assert.are.equal("ok", h:status("d", "last"))
+          end)
+        end)
+    """)
+    result = pytester.runpytest("-p", "no:hypothesispytest", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
