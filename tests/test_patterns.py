@@ -199,8 +199,18 @@ SPECIAL = [
 QUANTS = [b"", b"", b"", b"*", b"+", b"-", b"?"]
 
 
+SPECIAL_SOUP = b"%[]()^$*+-?.ab1\x00f"
+
+
+def patterns():
+    """Token-built patterns, plus raw soups of pattern characters (mostly malformed)."""
+    soup = st.binary(max_size=12).map(
+        lambda b: bytes(SPECIAL_SOUP[x % len(SPECIAL_SOUP)] for x in b))
+    return st.one_of(token_patterns(), token_patterns(), soup)
+
+
 @st.composite
-def patterns(draw):
+def token_patterns(draw):
     parts = []
     if draw(st.integers(0, 4)) == 0:
         parts.append(b"^")
