@@ -69,8 +69,12 @@ def run_tests(argv: Sequence[str]) -> int:
     A `--` before pytest options, as older versions wanted, is dropped."""
     import os
 
-    import pytest
-
+    try:
+        import pytest
+    except ImportError:
+        print("hubhost test: pytest is not installed; install it with "
+              "`pip install 'hubhost[test]'` (or `pip install pytest`)", file=sys.stderr)
+        return 2
     args = list(argv)
     if "--" in args:
         args.remove("--")
