@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import atomicfile
+from .sandbox import LuaError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .actor import Actor
@@ -219,13 +220,6 @@ class StoreFile:
     def retry_due(self, now: float | None = None) -> bool:
         return not self.failing or (now if now is not None else time.monotonic()) >= self.next_retry
 
-    def idle(self, timeout: float | None = None) -> bool:
-        """Wait until no write is running (True) or the timeout passed (False)."""
-        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
-            return False
-        self._lock.release()
-        return True
-
 
 class DatastoreBinding:
     """One runtime's Lua datastore bound to its file. Methods marked (driver thread) touch
@@ -261,7 +255,15 @@ class DatastoreBinding:
     def _load(self, raw: bytes | None) -> None:
         if raw is None:
             return
-        dropped, note = self.H.load(raw)
+        try:
+            dropped, note = self.H.load(raw)
+        except LuaError as e:  # valid JSON our decoder cannot read: keep it for a human
+            moved = self.store._quarantine() if self.store.path.exists() else None
+            self.rt.log.error("[%s] %s could not be loaded (%s)%s; starting with an empty datastore",
+                              self.rt.driver_id, self.store.path, e,
+                              f"; moved it to {moved.name}" if moved else "")
+            self.H.load(b"{}")
+            return
         if dropped:
             self.rt.log.error("[%s] %s: %d value%s the datastore cannot hold were dropped while "
                               "loading (the first: %s)", self.rt.driver_id, self.store.path, dropped,

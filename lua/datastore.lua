@@ -491,8 +491,10 @@ end
 
 function EXT.__sort(p, cmp)
   local mt = rawget(p, NODE)
-  if mt.live then changed = true end
-  invalidate(mt)
+  if rawlen(mt.__index) > 1 then   -- marked before sorting: a failing comparator may
+    if mt.live then changed = true end   -- leave the order half changed
+    invalidate(mt)
+  end
   return tsort(mt.__index, cmp)
 end
 
