@@ -503,3 +503,17 @@ def test_atomic_write_keeps_the_previous_generation_as_bak(tmp_path: Path) -> No
     assert (tmp_path / "datastore.json.bak").read_bytes() == b'{"v":1}'
     assert sorted(x.name for x in tmp_path.iterdir()) == ["datastore.json", "datastore.json.bak"]
     _ = os, time, BASIC, DeviceInfo
+
+
+def test_hand_edited_json_loads_with_escapes_whitespace_and_number_forms(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "datastore.json").write_bytes(
+        b' {\n "s" : "\\u00e9\\ud83d\\ude00\\/\\n\\u0000\\"\\\\\\t\\b\\f\\r" ,\t"k\\u00e9y":1E2,\r\n'
+        b' "n": [ -0 , 1.5e-3, 12345678901234567890, 0.1 ], "t": true, "f": false, "e": {}, "a": [] }\n')
+    kit = Kit(state)
+    assert kit.binding.data() == {"s": "é😀/\n\x00\"\\\t\b\f\r", "ké y".replace(" ", ""): 100, "n": [0, 0.0015,
+                                  12345678901234567890.0, 0.1], "t": True, "f": False, "e": {}, "a": {}}
+    out = text(kit.run('local ds = require("datastore").init() '
+                       'return string.format("%d %s %s", #ds.n, tostring(1 / ds.n[1]), ds.s:sub(1, 2))'))
+    assert out == "4 -inf é"
