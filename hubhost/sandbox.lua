@@ -276,7 +276,8 @@ local function copy(t)
 end
 
 local function safe_collectgarbage(opt, ...)
-  if opt == nil or opt == "count" then return collectgarbage("count") end
+  if opt == "count" then return collectgarbage("count") end
+  if opt == nil then opt = "collect" end
   error("collectgarbage('" .. tostring(opt) .. "') is not allowed in the sandbox; only 'count' is", 2)
 end
 

@@ -60,6 +60,7 @@ RAISING = [
     ("loadfile", "return loadfile('/etc/passwd')", "attempt to call global 'loadfile'"),
     ("collectgarbage stop", "return collectgarbage('stop')", "not allowed in the sandbox"),
     ("collectgarbage setpause", "return collectgarbage('setpause', 0)", "not allowed in the sandbox"),
+    ("collectgarbage full collect", "return collectgarbage()", "collectgarbage('collect') is not allowed"),
     ("jit global", "return jit.off()", "attempt to index global 'jit'"),
     ("debug.sethook", "return debug.sethook()", "attempt to call field 'sethook'"),
     ("debug.getupvalue", "return debug.getupvalue(require, 1)", "attempt to call field 'getupvalue'"),
