@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import stat
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,12 +238,12 @@ class ApiServer:
         await web.SockSite(self.runner, sock).start()
         log.info("API listening on %s (mode %o)", s.socket, s.socket_mode)
         if s.tcp:
-            site = web.TCPSite(self.runner, s.tcp[0], s.tcp[1], reuse_address=True)
-            await site.start()
-            server = site._server  # noqa: SLF001 - the bound port (tcp = "host:0" in tests)
-            sockets = getattr(server, "sockets", None) or []
-            self.tcp_port = sockets[0].getsockname()[1] if sockets else s.tcp[1]
-            log.info("API listening on %s:%d (bearer tokens)", s.tcp[0], self.tcp_port)
+            host, port = s.tcp
+            tcp = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            tcp.setblocking(False)
+            self.tcp_port = tcp.getsockname()[1]     # port 0 in the config: the one we got
+            await web.SockSite(self.runner, tcp).start()
+            log.info("API listening on %s:%d (bearer tokens)", host, self.tcp_port)
 
     async def stop(self) -> None:
         for session in list(self.sessions):
@@ -570,12 +571,15 @@ class ConfigReloadError(Exception):
     """The new config was refused; the running one stays."""
 
 
+_reload_locks: "weakref.WeakKeyDictionary[Any, asyncio.Lock]" = weakref.WeakKeyDictionary()
+
+
 async def reload_config(sup: Any) -> dict[str, list[str]]:
     """Re-read the hub's config file and apply it (SIGHUP, `hubhost reload`, POST /reload)."""
     from . import config as config_mod
     from .hub import device_systems
 
-    lock = sup.__dict__.setdefault("_reload_lock", asyncio.Lock())
+    lock = _reload_locks.setdefault(sup, asyncio.Lock())
     async with lock:
         if sup.config.source is None:
             raise ConfigReloadError("this hub was not started from a config file")
