@@ -406,7 +406,7 @@ class ApiServer:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30.0)
         await ws.prepare(request)
-        session = WsSession(self, ws, request[LEVEL])
+        session = WsSession(self, ws, request[LEVEL], request.transport)
         self.sessions.add(session)
         try:
             await session.run()
@@ -432,12 +432,14 @@ class WsSession:
 
     Failures: {"id": ..., "type": "error", "code": ..., "message": ...}. Closing the socket
     drops all of its subscriptions. Messages go out in order through one writer task; a
-    client that falls MAX_WS_BACKLOG messages behind is disconnected (code 1013).
+    client that falls MAX_WS_BACKLOG messages behind is disconnected.
     """
 
-    def __init__(self, server: ApiServer, ws: web.WebSocketResponse, level: str) -> None:
+    def __init__(self, server: ApiServer, ws: web.WebSocketResponse, level: str,
+                 transport: asyncio.Transport | None = None) -> None:
         self.server = server
         self.ws = ws
+        self.transport = transport
         self.level = level
         self.subscriber = server.subs.subscriber()
         self.out: deque[str] = deque()
@@ -456,7 +458,10 @@ class WsSession:
             out.clear()
             self.closed = True
             log.warning("API: WebSocket client fell %d messages behind; disconnecting it", MAX_WS_BACKLOG)
-            asyncio.get_running_loop().create_task(self.ws.close(code=1013, message=b"client too slow"))
+            # a close handshake would queue behind the backlog: cut the connection instead
+            self.writer.cancel()
+            if self.transport is not None:
+                self.transport.abort()
             return
         self.wake.set()
 

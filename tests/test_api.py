@@ -538,3 +538,46 @@ def test_cli_entry_point_in_a_real_process(tmp_path: Path) -> None:
             assert (proc.returncode, out, err) == (0, b"42\n", b"")
 
     run(main())
+
+
+def _ws_frame(text: str) -> bytes:
+    """A masked client text frame (RFC 6455), for a raw client that never reads."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    head = bytes([0x81, 0x80 | len(payload)]) if len(payload) < 126 else \
+        bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_websocket_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
+    """Memory stays bounded: a subscriber that stops reading is disconnected once it falls
+    MAX_WS_BACKLOG messages behind, and the hub goes on serving everyone else."""
+    from hubhost.api import MAX_WS_BACKLOG
+
+    async def main() -> None:
+        async with running_hub(lamp_config(tmp_path), tmp_path / "state") as (sup, cap):
+            s = socket.socket(socket.AF_UNIX)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(str(sup.api.socket_path))
+            s.sendall(b"GET /api/v1/ws HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            s.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await asyncio.to_thread(s.recv, 1)
+            assert head.startswith(b"HTTP/1.1 101")
+            s.sendall(_ws_frame('{"id":1,"type":"bind","sys":"office","mod":"Lamp","index":1,"name":"power"}'))
+            await until(lambda: sup.subscriptions.count() == 1)
+            for i in range(MAX_WS_BACKLOG * 3):
+                sup.status.set("l1", "power", f'"{"x" * 100}{i}"')
+                if i % 500 == 0:
+                    await asyncio.sleep(0)
+                if not sup.api.sessions:
+                    break
+            await until(lambda: not sup.api.sessions and sup.subscriptions.count() == 0)
+            assert cap.lines("fell 10000 messages behind; disconnecting it")
+            s.close()
+            async with unix_session(sup) as c:
+                assert await call(c, "POST", "/api/v1/devices/l1/functions/add", [1, 1]) == (200, {"result": 2})
+
+    run(main())
