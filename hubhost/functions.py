@@ -401,8 +401,8 @@ class FunctionHost:
         fut = loop.create_future()
         cid = next(self._ids)
         self._pending[cid] = _Pending(fut, rt, what)
-        actor.post(self._start, rt, cid, device_id, fn.name, bound)
         timer = loop.call_later(limit, _expire, fut, what, limit)
+        actor.post(self._start, rt, cid, device_id, fn.name, bound)   # last: the loop idles sooner
         try:
             ok, payload = await fut
         finally:
