@@ -113,12 +113,12 @@ local function has_high_byte(s, n)
 end
 
 local ok_strings, ok_count = {}, 0
-local function check_string(s, is_key)
+local function check_string(s, is_key, no_cache)
   local n = slen(s)
   if has_high_byte(s, n) and not utf8_ok(s) then
     fail((is_key and "key " or "") .. show(s) .. " is not valid UTF-8")
   end
-  if n <= 64 then
+  if n <= 64 and not no_cache then
     if ok_count >= 4096 then ok_strings, ok_count = {}, 0 end
     ok_strings[s] = true
     ok_count = ok_count + 1
@@ -370,8 +370,8 @@ local function check_table(v, depth, target, seen, sizes)
       check_table(x, depth + 1, target, seen, sizes)
     elseif tx == "number" then
       if x - x ~= 0 then bad_number(x) end
-    elseif tx == "string" then
-      if not ok_strings[x] then check_string(x) end
+    elseif tx == "string" then   -- values in bulk are mostly distinct: not worth caching
+      if not ok_strings[x] then check_string(x, false, true) end
     elseif tx ~= "boolean" then
       fail_type(x)
     end
