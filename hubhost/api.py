@@ -618,6 +618,14 @@ async def reload_config(sup: Any) -> dict[str, list[str]]:
         return report
 
 
+async def _reload_on_signal(sup: Any) -> None:
+    """SIGHUP: a refused config is already logged as one error line; nothing to raise."""
+    try:
+        await reload_config(sup)
+    except ConfigReloadError:
+        pass
+
+
 # -- wiring ---------------------------------------------------------------------------------
 
 def subs_owned(sup: Any) -> list[str]:
@@ -640,7 +648,7 @@ def install(sup: Any) -> None:
     sup.functions = functions
     sup.api = server
     if sup.reloader is None:
-        sup.reloader = reload_config
+        sup.reloader = _reload_on_signal
 
     watcher = None
     if sup.config.redis is not None:
