@@ -38,7 +38,8 @@ local floor = math.floor
 
 local PREFIX = "Data store keys and values must be JSON encodable: "
 local MAX_DEPTH = 100            -- levels below the root; the file must stay loadable
-local NODE = {}                  -- private key: proxy[NODE] = the node's metatable
+local NODE = {}                  -- private keys: proxy[NODE] = the node's metatable,
+local DATA = {}                  -- proxy[DATA] = its backing table (one hop for readers)
 local IN_PROGRESS, MOVED = -1, -2
 
 local M = {}
@@ -126,7 +127,8 @@ local function check_string(s, is_key, no_cache)
 end
 
 ---------------------------------------------------------------------------------------------
--- Nodes. A node's metatable `mt` holds:
+-- Nodes. A proxy holds only two private keys: NODE (its metatable) and DATA (its backing
+-- table, so readers reach the data in one hop). The metatable `mt` holds:
 --   __index = b (the backing table; the root's b has the methods behind it),
 --   __newindex (the guard), __metatable = false, __ext = the shared metamethods,
 --   depth (0 = root), live (in the store), top (the cache cell of the node's depth-1
@@ -138,7 +140,7 @@ local EXT = {}
 -- in the nodes) so a flush walks one table instead of chasing two pointers per entry.
 local root_json = {}
 
-local function backing(p) return rawget(p, NODE).__index end
+local function backing(p) return rawget(p, DATA) end
 
 function EXT.__len(p) return rawlen(backing(p)) end
 function EXT.__next(p, k) return next(backing(p), k) end
@@ -163,7 +165,7 @@ end
 
 local function wrap(mt)
   local p = {}
-  p[NODE] = mt
+  p[NODE], p[DATA] = mt, mt.__index
   return setmetatable(p, mt)
 end
 
@@ -411,7 +413,7 @@ local function place(v, depth, live, top, seen, sizes)
     end
   end
   tclear(v)
-  v[NODE] = nmt
+  v[NODE], v[DATA] = nmt, b
   setmetatable(v, nmt)
   seen[v] = MOVED
   return v
@@ -726,11 +728,11 @@ function dec_members(s, pos, depth, b, top)
   if c == 125 then return pos + 1 end
   while true do
     if c ~= 34 then error("datastore file: expected a key at byte " .. pos, 0) end
-    local k
+    local k, v
+    local kpos, drops = pos, dropped
     k, pos = dec_string(s, pos)
     pos, c = skip_ws(s, pos)
     pos, c = skip_ws(s, pos + 1)
-    local v
     v, pos = dec_value(s, pos, c, depth + 1, top)
     if v == nil then
       note_drop("null (the value of key " .. show(k) .. ")")
@@ -739,7 +741,16 @@ function dec_members(s, pos, depth, b, top)
         note_drop("the reserved root key " .. show(k))
       else
         b[k] = v
-        if depth == 0 and type(v) == "table" then rawget(v, NODE).top.rkey = k end
+        if depth == 0 and type(v) == "table" then
+          local cell = rawget(v, NODE).top
+          cell.rkey = k
+          if dropped == drops then
+            -- the file's own text of this entry is valid JSON for exactly what was loaded:
+            -- it seeds the cache, so the first flush after a start is as cheap as the rest
+            root_json[k] = sub(s, kpos, pos - 1)
+            cell.json = true
+          end
+        end
       end
     end
     pos, c = skip_ws(s, pos)
@@ -870,6 +881,7 @@ function H.load(json)
   root_json = {}
   dec_members(json, pos + 1, 0, b, nil)
   mt.__index, mt.__newindex = b, lazy_guard   -- the root proxy keeps its identity
+  r[DATA] = b
   changed, snap_seq, disk_seq = false, 0, 0
   return dropped, drop_note
 end

@@ -523,6 +523,8 @@ def test_every_save_writes_exactly_what_drivers_see(tmp_path_factory: pytest.Tem
 
     kit.fn("return function(...) " + MUTATE + " end")(kit.rt.lua.table_from(codes), check)
     assert len(checked) == len(codes) // 5
-    if path.exists():          # and a new runtime loads the same content
+    if path.exists():          # a new runtime loads the same content, and goes on changing it
         fresh = Kit(path.parent)
         assert text(fresh.run('return dump(require("datastore").init())')) == canon_json(orjson.loads(path.read_bytes()))
+        fresh.fn("return function(...) " + MUTATE + " end")(fresh.rt.lua.table_from(codes[::-1]), check)
+        assert len(checked) == 2 * (len(codes) // 5)
