@@ -211,8 +211,8 @@ def test_crash_in_entry_chunk_or_init_restarts_with_backoff(tmp_path: Path, wher
             boots = cap.times("EV boot")
             gaps = [b - a for a, b in zip(boots, boots[1:])]
             # 1 s, then 2 s between attempts (exponential backoff)
-            assert 0.9 <= gaps[0] < 1.6, gaps
-            assert 1.9 <= gaps[1] < 2.8, gaps
+            assert 0.9 <= gaps[0] < 1.9, gaps
+            assert 1.9 <= gaps[1] < 3.2, gaps
             crash_lines = cap.lines("driver crashed")
             assert "restarting in 1 s" in crash_lines[0] and "restarting in 2 s" in crash_lines[1]
             what = "broken on purpose" if where == "chunk" else "init [d1] handler failed"
