@@ -207,7 +207,7 @@ def test_crash_in_entry_chunk_or_init_restarts_with_backoff(tmp_path: Path, wher
 
     async def main() -> None:
         async with running_hub(cfg, tmp_path / "state") as (sup, cap):
-            await cap.wait_for("EV boot", timeout=5, count=3)
+            await cap.wait_for("EV boot", timeout=9, count=3)
             boots = cap.times("EV boot")
             gaps = [b - a for a, b in zip(boots, boots[1:])]
             # 1 s, then 2 s between attempts (exponential backoff)
