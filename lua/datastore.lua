@@ -38,8 +38,7 @@ local floor = math.floor
 
 local PREFIX = "Data store keys and values must be JSON encodable: "
 local MAX_DEPTH = 100            -- levels below the root; the file must stay loadable
-local NODE = {}                  -- private keys: proxy[NODE] = the node's metatable,
-local DATA = {}                  -- proxy[DATA] = its backing table (one hop for readers)
+local NODE = {}                  -- private key: proxy[NODE] = the node's metatable
 local IN_PROGRESS, MOVED = -1, -2
 
 local M = {}
@@ -127,8 +126,7 @@ local function check_string(s, is_key, no_cache)
 end
 
 ---------------------------------------------------------------------------------------------
--- Nodes. A proxy holds only two private keys: NODE (its metatable) and DATA (its backing
--- table, so readers reach the data in one hop). The metatable `mt` holds:
+-- Nodes. A proxy holds one private key, NODE (its metatable). The metatable `mt` holds:
 --   __index = b (the backing table; the root's b has the methods behind it),
 --   __newindex (the guard), __metatable = false, __ext = the shared metamethods,
 --   depth (0 = root), live (in the store), top (the cache cell of the node's depth-1
@@ -140,7 +138,7 @@ local EXT = {}
 -- in the nodes) so a flush walks one table instead of chasing two pointers per entry.
 local root_json = {}
 
-local function backing(p) return rawget(p, DATA) end
+local function backing(p) return rawget(p, NODE).__index end
 
 function EXT.__len(p) return rawlen(backing(p)) end
 function EXT.__next(p, k) return next(backing(p), k) end
@@ -165,7 +163,7 @@ end
 
 local function wrap(mt)
   local p = {}
-  p[NODE], p[DATA] = mt, mt.__index
+  p[NODE] = mt
   return setmetatable(p, mt)
 end
 
@@ -413,7 +411,7 @@ local function place(v, depth, live, top, seen, sizes)
     end
   end
   tclear(v)
-  v[NODE], v[DATA] = nmt, b
+  v[NODE] = nmt
   setmetatable(v, nmt)
   seen[v] = MOVED
   return v
@@ -881,7 +879,6 @@ function H.load(json)
   root_json = {}
   dec_members(json, pos + 1, 0, b, nil)
   mt.__index, mt.__newindex = b, lazy_guard   -- the root proxy keeps its identity
-  r[DATA] = b
   changed, snap_seq, disk_seq = false, 0, 0
   return dropped, drop_note
 end
