@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
@@ -31,7 +32,8 @@ from .runtime import DriverRuntime
 from .sandbox import LuaError, to_lua
 from .subscriptions import Subscriber, Subscriptions
 
-__all__ = ["ExecError", "FunctionHost", "Interface", "LEVELS", "SystemRef", "bind_args"]
+__all__ = ["ExecError", "FunctionHost", "Interface", "LEVELS", "SystemRef", "bind_args", "check_call",
+           "check_device"]
 
 log = logging.getLogger("hubhost.functions")
 
@@ -246,6 +248,28 @@ def check_level(level: str) -> str:
     return level
 
 
+def check_device(device_id: str, devices: Container[str]) -> str:
+    """`device_id` if it is one of `devices`, else ExecError("unknown_device")."""
+    if device_id not in devices:
+        raise ExecError("unknown_device", f"no device {device_id!r} on this hub")
+    return device_id
+
+
+def check_call(iface: Interface, device_id: str, function: Any, args: Any, level: str) -> tuple[Function, dict]:
+    """The checks after the device is known and its driver loaded, in the documented order:
+    `unknown_function`, `forbidden`, `bad_args`. Returns the function and its bound
+    arguments (defaults filled in). Pure, so FunctionHost and the test kit share it."""
+    fn = iface.functions.get(function) if isinstance(function, str) else None
+    if fn is None:
+        names = ", ".join(iface.functions) or "none"
+        raise ExecError("unknown_function", f"device {device_id!r} has no function {function!r} "
+                        f"(functions: {names})")
+    if LEVELS.get(level, -1) < LEVELS[fn.level]:
+        raise ExecError("forbidden", f"{fn.name} on {device_id!r} needs the {fn.level} level; "
+                        f"the caller has {level}")
+    return fn, bind_args(fn, args)
+
+
 # -- the host side --------------------------------------------------------------------------
 
 @dataclass
@@ -365,9 +389,7 @@ class FunctionHost:
                 raise ExecError("unknown_device", f"system {target.system!r} has no "
                                 f"{target.module}/{target.index} (it has: {known})")
             target = dev
-        if target not in self._devices:
-            raise ExecError("unknown_device", f"no device {target!r} on this hub")
-        return target
+        return check_device(target, self._devices)
 
     def prepare(self, target: str | SystemRef, function: str, args: Any, level: str) -> tuple[Any, str, Function, dict]:
         """Every check before sending, in the documented order."""
@@ -377,15 +399,8 @@ class FunctionHost:
         if iface is None:
             raise ExecError("driver_error", f"driver {slot.id!r} of device {device_id!r} has not loaded"
                             f"{': ' + slot.last_error if slot.last_error else ''}")
-        fn = iface.functions.get(function) if isinstance(function, str) else None
-        if fn is None:
-            names = ", ".join(iface.functions) or "none"
-            raise ExecError("unknown_function", f"device {device_id!r} has no function {function!r} "
-                            f"(functions: {names})")
-        if LEVELS.get(level, -1) < LEVELS[fn.level]:
-            raise ExecError("forbidden", f"{fn.name} on {device_id!r} needs the {fn.level} level; "
-                            f"the caller has {level}")
-        return slot, device_id, fn, bind_args(fn, args)
+        fn, bound = check_call(iface, device_id, function, args, level)
+        return slot, device_id, fn, bound
 
     async def exec(self, target: str | SystemRef, function: str, args: Any = None, *,
                    level: str = "administrator", timeout: float | None = None) -> str:

@@ -39,7 +39,7 @@ from . import atomicfile, paths
 from .datastore import DatastoreBinding, StaleWriter, StoreFile, read_store_file
 from .devicelink import check_framing, framing_spec
 from .framing import FramingError, TokenizerError, make_framer
-from .functions import LEVELS, ExecError, Interface, bind_args
+from .functions import LEVELS, ExecError, Interface, check_call, check_device
 from .requests import RequestQueue
 from .runtime import DeviceInfo, DriverLoadError, DriverRuntime
 from .sandbox import LuaError, Sandbox, from_lua, to_lua
@@ -715,22 +715,12 @@ class KitDriver:
             self.calls[cid] = (bool(ok), bytes(payload))
 
     def prepare(self, device_id: str, function: str, args: Any, level: str) -> tuple[str, Any, dict]:
-        """The API's checks, in its order and with its codes (hubhost/functions.py)."""
-        if device_id not in self.devices:
-            raise ExecError("unknown_device", f"no device {device_id!r} on this hub")
+        """The API's checks, in its order and with its codes: the same code (hubhost/functions.py)."""
+        check_device(device_id, self.devices)
         if self.rt is None or self.state != "running" or self.interface is None:
             raise ExecError("driver_error", f"driver {self.id!r} of device {device_id!r} is not running")
-        fn = self.interface.functions.get(function) if isinstance(function, str) else None
-        if fn is None:
-            names = ", ".join(self.interface.functions) or "none"
-            raise ExecError("unknown_function", f"device {device_id!r} has no function {function!r} "
-                            f"(functions: {names})")
-        if level not in LEVELS:
-            raise KitError(f"exec: unknown security level {level!r} (none, support, administrator)")
-        if LEVELS[level] < LEVELS[fn.level]:
-            raise ExecError("forbidden", f"{fn.name} on {device_id!r} needs the {fn.level} level; "
-                            f"the caller has {level}")
-        return fn.name, fn, bind_args(fn, args)
+        fn, bound = check_call(self.interface, device_id, function, args, level)
+        return fn.name, fn, bound
 
     def exec_start(self, device_id: str, function: str, args: Any, level: str) -> int:
         """Start a validated call (ExecError if refused); returns its id."""
@@ -1063,6 +1053,8 @@ class KitHost:
         device_id = self._id(dev)
         name = self._id(fn, "function name")
         lvl = "administrator" if level is None else self._id(level, "level")
+        if lvl not in LEVELS:   # a mistake in the spec, reported at its line (the API would say forbidden)
+            raise KitError(f"exec: unknown security level {lvl!r} (none, support, administrator)")
         if args is not None and lupa.lua_type(args) != "table":
             raise KitError(f"exec: args must be a table of named (or positional) arguments, got {_kind(args)}")
         return h.exec_start(device_id, name, from_lua(args) if args is not None else None, lvl)
