@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import statusvalue
 from .sandbox import LuaError, Sandbox, from_lua, to_lua
 from .status import StatusStore
 
@@ -110,20 +109,15 @@ class DriverRuntime:
         self.log.log(LEVELS.get(level, logging.INFO), "%s %s", self._prefix(device_id or None),
                      msg.decode("utf-8", "replace"))
 
-    def _status_set(self, device_id: bytes, name: bytes, value: Any) -> tuple[Any, Any]:
-        """device.status.<name> = value: check, encode, store (and so mirror)."""
+    def _status_set(self, device_id: bytes, name: bytes, text: bytes | None) -> tuple[Any, Any]:
+        """device.status.<name> = value: store (and so mirror) the JSON text that
+        lua/json.lua made and checked in the driver's runtime; None deletes."""
         try:
-            text = statusvalue.encode(value, self._tostring)
-        except statusvalue.StatusValueError as e:
-            return None, str(e).encode()
-        try:
-            changed = self.status.set(device_id.decode(), name.decode(), text)
+            changed = self.status.set(device_id.decode(), name.decode(),
+                                      None if text is None else text.decode())
         except UnicodeDecodeError:
             return None, b"status names must be valid UTF-8"
         return changed, None
-
-    def _tostring(self, v: Any) -> bytes:
-        return self.lua.globals().tostring(v)
 
     def _print(self, text: str) -> None:
         self.log.info("%s %s", self._prefix(), text)

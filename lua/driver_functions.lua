@@ -1,6 +1,7 @@
 --- driver_functions: the driver side of functions, metadata, JSON and driver-to-driver calls.
 --
--- Loaded by driver_helper; it plugs into the library caps:
+-- Loaded by driver_helper; values that leave the driver are encoded by lua/json.lua.
+-- It plugs into the library caps:
 --   * caps.validate_template: a template's `functions`, `security`, `implements` and
 --     `requirements` are checked when the driver is built, so a bad one fails at load with
 --     the function and parameter named;
@@ -11,160 +12,20 @@
 -- `invoke` and `deliver` as handler coroutines.
 local caps = select(2, ...)
 
-local type, pairs, ipairs, tostring, tonumber, error, select, setmetatable, pcall, xpcall, next =
-  type, pairs, ipairs, tostring, tonumber, error, select, setmetatable, pcall, xpcall, next
+local type, pairs, ipairs, tostring, tonumber, error, select, setmetatable, xpcall, next =
+  type, pairs, ipairs, tostring, tonumber, error, select, setmetatable, xpcall, next
 local floor, huge = math.floor, math.huge
-local str_format, str_find, str_gsub, str_match, str_byte =
-  string.format, string.find, string.gsub, string.match, string.byte
+local str_format, str_find, str_match = string.format, string.find, string.match
 local tconcat, tsort = table.concat, table.sort
+
+local json = require "json"
 
 local M = {}
 
----------------------------------------------------------------------------------------------
--- JSON encoding. Empty tables encode as {} (like lua-cjson); a table is an array when its
--- keys are exactly 1..n, an object when every key is a string; anything else is refused
--- with the path of the offending value. Strings go out byte for byte (the host checks that
--- they are UTF-8).
-
-local ESCAPES = { ['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
-                  ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
-for i = 0, 31 do
-  local c = string.char(i)
-  if not ESCAPES[c] then ESCAPES[c] = str_format("\\u%04x", i) end
-end
-ESCAPES["\127"] = "\\u007f"
-
-local function quote(s)
-  if str_find(s, '[%c"\\]') then s = str_gsub(s, '[%c"\\]', ESCAPES) end
-  return '"' .. s .. '"'
-end
-M.quote = quote
-
-local function number_text(v)
-  if v ~= v or v == huge or v == -huge then return nil end
-  if v == floor(v) and v > -1e15 and v < 1e15 then return str_format("%d", v) end
-  local s = str_format("%.14g", v)
-  if tonumber(s) ~= v then s = str_format("%.17g", v) end
-  return s
-end
-
--- Where the encoder is: keys from the root to the value being encoded. Built into a path
--- only when a value is refused, so encoding pays nothing for it.
-local where, root_name = {}, "value"
-
-local function path_text(depth)
-  local parts = { root_name }
-  for i = 1, depth do
-    local k = where[i]
-    parts[#parts + 1] = type(k) == "number" and ("[" .. k .. "]") or ("." .. tostring(k))
-  end
-  return tconcat(parts)
-end
-
-local function fail_at(depth, what)
-  error(str_format("%s: %s", path_text(depth), what), 0)
-end
-
--- "array", "object" or "empty" for a table whose keys are usable; raises otherwise.
-local function table_kind(t, depth)
-  local n, max, strings, others = 0, 0, 0, nil
-  for k in pairs(t) do
-    n = n + 1
-    local tk = type(k)
-    if tk == "string" then
-      strings = strings + 1
-    elseif tk == "number" and k >= 1 and k == floor(k) and k < huge then
-      if k > max then max = k end
-    else
-      others = k
-    end
-  end
-  if n == 0 then return "empty", 0 end
-  if others ~= nil then
-    fail_at(depth, str_format("key %s of type %s cannot be encoded (keys are strings or 1..n)",
-      tostring(others), type(others)))
-  end
-  if strings == n then return "object", n end
-  if strings > 0 then fail_at(depth, "table mixes array and object keys") end
-  if max ~= n then fail_at(depth, str_format("sparse array (%d entries, highest index %d)", n, max)) end
-  return "array", n
-end
-
-local encode_into
-
-local function encode_table(t, buf, n, depth)
-  if depth >= 64 then fail_at(depth, "nested deeper than 64 levels (a cycle?)") end
-  local kind, count = table_kind(t, depth)
-  if kind == "empty" then n = n + 1; buf[n] = "{}"; return n end
-  local d1 = depth + 1
-  if kind == "array" then
-    n = n + 1; buf[n] = "["
-    for i = 1, count do
-      if i > 1 then n = n + 1; buf[n] = "," end
-      where[d1] = i
-      n = encode_into(t[i], buf, n, d1)
-    end
-    n = n + 1; buf[n] = "]"
-    return n
-  end
-  n = n + 1; buf[n] = "{"
-  local first = true
-  for k, v in pairs(t) do
-    if not first then n = n + 1; buf[n] = "," end
-    first = false
-    n = n + 1; buf[n] = quote(k)
-    n = n + 1; buf[n] = ":"
-    where[d1] = k
-    n = encode_into(v, buf, n, d1)
-  end
-  n = n + 1; buf[n] = "}"
-  return n
-end
-
-function encode_into(v, buf, n, depth)
-  local tv = type(v)
-  if tv == "string" then
-    n = n + 1; buf[n] = quote(v)
-  elseif tv == "number" then
-    local s = number_text(v)
-    if not s then fail_at(depth, tostring(v) .. " is not a finite number") end
-    n = n + 1; buf[n] = s
-  elseif tv == "boolean" then
-    n = n + 1; buf[n] = v and "true" or "false"
-  elseif v == nil then
-    n = n + 1; buf[n] = "null"
-  elseif tv == "table" then
-    n = encode_table(v, buf, n, depth)
-  else
-    fail_at(depth, tostring(v) .. " is of unsupported type " .. tv)
-  end
-  return n
-end
-
---- JSON text of a Lua value; raises "<path>: <problem>" (path starts with `name`, default
--- "value") for values JSON cannot carry.
-function M.encode(v, name)
-  local tv = type(v)
-  if tv == "string" then return quote(v) end
-  if tv == "boolean" then return v and "true" or "false" end
-  root_name = name or "value"
-  if v == nil then return "null" end
-  if tv == "number" then
-    local s = number_text(v)
-    if not s then fail_at(0, tostring(v) .. " is not a finite number") end
-    return s
-  end
-  local buf = {}
-  local n = encode_into(v, buf, 0, 0)
-  return tconcat(buf, "", 1, n)
-end
-local encode = M.encode
-
---- "array", "object" or "empty" for an encodable table (raises for unusable keys).
-function M.table_kind(t)
-  root_name = "value"
-  return table_kind(t, 0)
-end
+-- JSON: lua/json.lua checks and encodes every value that leaves the driver.
+local quote, number_text, encode, try_encode, table_kind =
+  json.quote, json.number, json.encode, json.try_encode, json.kind
+M.quote, M.encode = quote, encode
 
 ---------------------------------------------------------------------------------------------
 -- Parameter types (DESIGN section 3).
@@ -175,8 +36,8 @@ end
 
 local function table_is(v, want)
   if type(v) ~= "table" then return false end
-  local ok, kind = pcall(M.table_kind, v)
-  return ok and (kind == "empty" or kind == want)
+  local kind = table_kind(v)
+  return kind == "empty" or kind == want
 end
 
 local CHECKS = {
@@ -187,7 +48,7 @@ local CHECKS = {
   String = function(v) return type(v) == "string" end,
   Array = function(v) return table_is(v, "array") end,
   Object = function(v) return table_is(v, "object") end,
-  JSON = function(v) return (pcall(encode, v)) end,
+  JSON = function(v) return try_encode(v) ~= nil end,
 }
 local TYPE_LIST = "Bool, Int32, Int64, Float64, String, Array, Object, JSON"
 
@@ -266,8 +127,7 @@ local function param_list(fname, params, level)
   end
   local list = {}
   if params[1] ~= nil then
-    local ok, kind = pcall(M.table_kind, params)
-    if not ok or kind ~= "array" then
+    if table_kind(params) ~= "array" then
       bad("template.functions." .. fname .. ".params mixes list entries and named entries", level)
     end
     local seen = {}
@@ -292,8 +152,8 @@ end
 local function check_string_list(what, v, level)
   level = level + 1
   if type(v) ~= "table" then bad(what .. " must be a list of names, got " .. type(v), level) end
-  local ok, kind = pcall(M.table_kind, v)
-  if not ok or kind == "object" then bad(what .. " must be a list of names", level) end
+  local kind = table_kind(v)
+  if kind == nil or kind == "object" then bad(what .. " must be a list of names", level) end
   for i = 1, #v do
     if type(v[i]) ~= "string" then
       bad(str_format("%s[%d] must be a string, got %s", what, i, type(v[i])), level)
@@ -413,7 +273,7 @@ function M.metadata_json(driver)
         if type(dv) == "table" and next(dv) == nil and p.alts[1] == "Array" then
           spec = spec .. ",[]"
         else
-          spec = spec .. "," .. encode(dv, "default")
+          spec = spec .. "," .. encode(dv, "Parameter defaults", "default")
         end
       end
       ps[#ps + 1] = quote(p.name) .. ":" .. spec .. "]"
@@ -504,10 +364,8 @@ function M.invoke(driver, device_id, name, args, call_id)
     caps.log("warn", device_id, "function " .. name .. " failed: " .. tostring(res))
     return report(false, tostring(res))
   end
-  local eok, text = pcall(encode, res, "result")
-  if not eok then
-    return report(false, "function " .. name .. " returned a value that is not JSON-encodable: " .. text)
-  end
+  local text, problem = try_encode(res, "Results of function " .. name, "result")
+  if text == nil then return report(false, problem) end
   return report(true, text)
 end
 
@@ -536,8 +394,8 @@ function Module:call(fn, args)
   if not caps.can_wait() then
     error("call: can only be used inside a handler (it waits for the result)", 2)
   end
-  local ok, args_text = pcall(encode, args or {}, "args")
-  if not ok then error("bad_args: " .. args_text, 2) end
+  local args_text, problem = try_encode(args or {}, "Arguments of " .. fn, "args")
+  if args_text == nil then error("bad_args: " .. problem, 2) end
   local req = '{"system":' .. quote(self.system) .. ',"module":' .. quote(self.module) ..
     ',"index":' .. self.index .. ',"function":' .. quote(fn) .. ',"args":' .. args_text .. '}'
   local rok, value = caps.host_wait("call", req)

@@ -2,6 +2,7 @@
 -- datastore. See DESIGN section 3 for the names; they are a contract with driver authors.
 local caps = select(2, ...)
 local log = require "log"
+local json = require "json"
 require "driver_functions"   -- functions, metadata, driver:system(): plugs into caps
 require "datastore"          -- driver.datastore, device.persistent_store: plugs into caps
 
@@ -90,19 +91,16 @@ function device_lazy.persistent_store(self)
 end
 
 -- device.status: assigning sets and publishes (only a change in JSON text counts),
--- reading reads the hub's memory, assigning nil deletes.
+-- reading reads the hub's memory, assigning nil deletes. The value is checked and encoded
+-- here (lua/json.lua); the host gets JSON text.
 local status_set = caps.host.status_set
+local try_encode = json.try_encode
 
--- a plain deep copy (honouring datastore nodes' __pairs), refusing cycles
-local function plain(v, seen)
+-- a plain deep copy (datastore nodes read through pairs) of a value json accepted
+local function plain(v)
   if type(v) ~= "table" then return v end
-  if seen[v] then
-    error("Status values must be JSON encodable: " .. tostring(v) .. " contains a cycle", 0)
-  end
-  seen[v] = true
   local c = {}
-  for k, x in pairs(v) do c[k] = plain(x, seen) end
-  seen[v] = nil
+  for k, x in pairs(v) do c[k] = plain(x) end
   return c
 end
 
@@ -115,15 +113,16 @@ function device_lazy.status(self)
       if type(k) ~= "string" then
         error("device.status: status names are strings, got " .. type(k), 2)
       end
-      local stored = v
-      if type(v) == "table" then
-        local ok, c = pcall(plain, v, {})
-        if not ok then error(c, 2) end
-        stored = c
+      local text = nil
+      if v ~= nil then
+        local problem
+        text, problem = try_encode(v, "Status values", k)
+        if text == nil then error(problem, 2) end
+        if type(v) == "table" then v = plain(v) end
       end
-      local changed, err = status_set(id, k, stored)
+      local changed, err = status_set(id, k, text)
       if err then error(err, 2) end
-      values[k] = stored
+      values[k] = v
     end,
     __pairs = function() return next, values, nil end,
     __metatable = "device.status",

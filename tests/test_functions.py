@@ -313,7 +313,7 @@ API_CASES = [
     ({"device": "t1", "function": "add", "args": {"c": 1}}, 400, "bad_args", "add has no parameter 'c'"),
     ({"device": "t1", "function": "boom"}, 502, "driver_error", "init.lua:11: kaput: the lamp is broken"),
     ({"device": "t1", "function": "bad_result"}, 502, "driver_error",
-     "returned a value that is not JSON-encodable: result.f: function: 0x"),
+     "Results of function bad_result must be JSON encodable: function: 0x"),
     ({"device": "t1", "function": "nap", "args": {"s": 5}}, 504, "timeout", "nap on 't1' did not finish within 0.3 s"),
 ]
 
@@ -389,7 +389,8 @@ def test_exec_from_lua_every_error_code(tmp_path: Path) -> None:
             assert "kaput: the lamp is broken" in (await call(sup, fn="boom"))["err"]
             # a Lua value JSON cannot carry is refused before anything is sent
             err = orjson.loads(await sup.functions.exec("c1", "pass_function"))
-            assert err.startswith("bad_args: args.value: function: 0x") and "unsupported type function" in err
+            assert err.startswith("bad_args: Arguments of echo must be JSON encodable: function: 0x")
+            assert err.endswith("is of unsupported type function (at args.value)")
 
     run(main())
 
