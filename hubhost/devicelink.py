@@ -40,8 +40,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hubhost.device")
 
-MAX_BACKLOG = 4 << 20   # bytes received but not yet handled by the driver, per device
-FRAME_COST = 64         # bookkeeping bytes counted per queued frame (tiny frames add up)
+# Received data the driver has not handled yet, per device, in bytes plus FRAME_COST per
+# queued frame (tiny frames add up). Past PAUSE_AT the transport stops reading (the kernel
+# buffer, flow control or the TCP window push back on the device) until the backlog is
+# below RESUME_AT; past MAX_BACKLOG (datagrams cannot be paused) data is dropped.
+PAUSE_AT = 1 << 20
+RESUME_AT = 256 << 10
+MAX_BACKLOG = 8 << 20
+FRAME_COST = 64
 LUA_BATCH = 256         # frames per call into Lua (varargs stay well under LuaJIT's limits)
 
 
@@ -141,6 +147,7 @@ class DeviceLink:
         self._waiting: dict[asyncio.Future[Result], int] = {}   # request -> Lua wait token
         self._frames: deque[bytes] = deque()   # for on_receive: loop appends, driver pops
         self._drain_posted = False
+        self._paused = False            # reading paused for backpressure (loop writes)
 
     @property
     def backlog(self) -> int:
@@ -166,6 +173,7 @@ class DeviceLink:
 
     def _on_connected(self) -> None:
         self.connected = True
+        self._paused = False   # a new connection reads
         self.owner.post(self.owner.lua.connection, self.id_b, True, None)
 
     def _on_disconnected(self, reason: str) -> None:
@@ -214,8 +222,10 @@ class DeviceLink:
                 self.owner.post(self._drain)
 
     def _admit(self, nbytes: int) -> bool:
-        """Bound memory when the driver falls behind: drop, with one warning per burst."""
-        if self.backlog + nbytes > MAX_BACKLOG:
+        """Bound memory when the driver falls behind: pause reading, else drop (warned once
+        per burst)."""
+        backlog = self.backlog + nbytes
+        if self.backlog > MAX_BACKLOG:   # one read's worth more is always taken
             if not self._backlog_warned:
                 self._backlog_warned = True
                 self.log.warning("driver is %d bytes behind this device; dropping received data "
@@ -223,7 +233,27 @@ class DeviceLink:
             return False
         self._backlog_warned = False
         self._posted += nbytes
+        if backlog > PAUSE_AT and not self._paused:
+            self._set_reading(False)
         return True
+
+    def _set_reading(self, on: bool) -> None:
+        """Pause or resume reading from the device (stream transports; datagrams cannot)."""
+        aio = getattr(self.transport, "_aio", None)
+        method = getattr(aio, "resume_reading" if on else "pause_reading", None)
+        if method is None:
+            return
+        try:
+            method()
+        except (RuntimeError, AttributeError, OSError):
+            return
+        self._paused = not on
+        self.log.debug("reading %s: the driver is %d bytes behind", "resumed" if on else "paused",
+                       self.backlog)
+
+    def _maybe_resume(self) -> None:
+        if self._paused and self.backlog <= RESUME_AT:
+            self._set_reading(True)
 
     def submit(self, token: int, data: bytes, options: dict[str, Any]) -> None:
         """Queue a request from Lua; its handler resumes with (frame, nil) or (nil, reason)."""
@@ -284,6 +314,8 @@ class DeviceLink:
 
     def _feed_pattern(self, chunk: bytes) -> None:
         self._handled += len(chunk)
+        if self._paused and self.backlog <= RESUME_AT:
+            self.owner.to_loop(self._maybe_resume)
         try:
             frames = self.framer.feed(chunk)
             self._tokenizer_failing = False
@@ -311,6 +343,8 @@ class DeviceLink:
         while frames:
             part = [frames.popleft() for _ in range(min(len(frames), LUA_BATCH))]
             self._handled += _cost(part)
+            if self._paused and self.backlog <= RESUME_AT:
+                self.owner.to_loop(self._maybe_resume)   # sent when this drain ends
             result = owner.rt_call("on_receive", receive, self.id_b, *part)
             if result is None:   # the glue itself failed (logged): this part is lost
                 continue

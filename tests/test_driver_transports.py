@@ -19,6 +19,8 @@ from hubhost import config as config_mod
 from hubhost.simulators import ProjectorSimulator
 from hubutil import run, running_hub, write_config, write_driver
 
+pytestmark = pytest.mark.timeout(60)
+
 FAST = "reconnect_min = 0.05\nreconnect_max = 0.2"
 
 # Every byte value, in frames that never contain the CR LF delimiter (13 is followed by 14).
@@ -796,6 +798,56 @@ def test_pattern_framing_answers_requests_and_survives_a_failing_tokenizer(tmp_p
                 assert [ln.split("RECV ")[1] for ln in cap.lines("RECV")] == ["one", "two", "three"]
                 errors = [e for e in cap.errors() if "tokenizer" in e]
                 assert len(errors) == 1 and "[drv/dev]" in errors[0] and "refuses '!'" in errors[0], errors
+        finally:
+            await peer.stop()
+
+    run(main())
+
+
+SLOW = """
+    local driver_helper = require "driver_helper"
+    local n = 0
+    return driver_helper.init_tcp {
+      name = "slow",
+      framing = { delimiter = "\\n" },
+      on_receive = function(driver, device, frame)
+        local x = 0
+        for i = 1, 2000 do x = x + i end   -- a driver slower than its device
+        n = n + 1
+        device.status.count = n
+      end,
+    }
+"""
+
+
+def test_a_slow_driver_pushes_back_on_a_fast_device_instead_of_dropping(tmp_path: Path, monkeypatch) -> None:
+    from hubhost import devicelink
+
+    monkeypatch.setattr(devicelink, "PAUSE_AT", 32 << 10)
+    monkeypatch.setattr(devicelink, "RESUME_AT", 8 << 10)
+    monkeypatch.setattr(devicelink, "MAX_BACKLOG", 256 << 10)
+    write_driver(tmp_path, "slow", SLOW)
+    total = 20000
+
+    async def main() -> None:
+        peer = TcpPeer()
+        await peer.start()
+        cfg = hub_config(tmp_path, "slow", f'transport = "tcp"\nhost = "127.0.0.1"\nport = {peer.port}\n{FAST}')
+        try:
+            async with running_hub(cfg, tmp_path / "state") as (sup, cap):
+                await until(lambda: sup.status.get("dev", "connected") == "true", "connected")
+                link = sup.devicelinks.link("drv", "dev")
+                peak, paused = 0, False
+                sender = asyncio.ensure_future(peer.send(b"".join(b"f%08d\n" % i for i in range(total))))
+                while sup.status.get("dev", "count") != str(total):
+                    peak = max(peak, link.backlog)
+                    paused = paused or link._paused
+                    await asyncio.sleep(0.001)
+                await sender
+                # pushed back, never dropped: at most the limit plus one read (256 KiB of data)
+                assert paused and peak <= (256 << 10) + (256 << 10) // 10 * 74, peak
+                assert not cap.lines("dropping received data")
+                assert cap.lines("reading resumed")
         finally:
             await peer.stop()
 
