@@ -154,7 +154,8 @@ function L.receive(id, ...)
   local driver = caps.driver()
   local device = caps.devices()[id]
   local on_receive = driver and driver.on_receive
-  if device == nil or type(on_receive) ~= "function" then return n, false end
+  if device == nil then return n, true end              -- removed meanwhile: dropped
+  if type(on_receive) ~= "function" then return n, false end
   local label = labels[id] or ("on_receive [" .. tostring(id) .. "]")
   local call = R.call
   if n == 1 then
