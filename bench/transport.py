@@ -89,16 +89,6 @@ def hub_config(tmp: Path, name: str, src: str, device: dict) -> config_mod.HubCo
     return config_mod.parse({"drivers": [{"id": name, "path": str(d), "devices": [device]}]}, base=tmp)
 
 
-async def wait_status(sup: Supervisor, device: str, name: str, timeout: float) -> str:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (v := sup.status.get(device, name)) is None:
-        if loop.time() > deadline:
-            raise TimeoutError(f"{device}.{name} not set within {timeout} s")
-        await asyncio.sleep(0.001)
-    return v
-
-
 # -- frames per second from a pty ---------------------------------------------------------
 # Rounds alternate between ours and the baseline (each on its own pty), and the best round
 # of each counts: on a shared 2-core machine other processes steal whole milliseconds, and

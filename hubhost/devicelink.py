@@ -121,18 +121,8 @@ class DeviceLink:
         self.kind = kind
         self.log = _Prefixed(log, {"prefix": f"[{owner.slot.id}/{info.id}]"})
         self.frame_on_loop = pattern is None
-        tokenizer = None
-        if pattern is not None:
-            label = f"framing pattern [{info.id}]".encode()
-            tokenize = owner.lua.tokenize
-
-            def tokenizer(buf: bytes) -> tuple[bytes | None, bytes]:
-                r = tokenize(pattern, buf, label)
-                if not r[0]:
-                    raise FramingError(_text(r[1]))
-                return r[1], r[2]
-
-        self.framer = make_framer(spec, tokenizer=tokenizer, on_overflow=self._overflow)
+        self.framer = make_framer(spec, tokenizer=self._tokenizer(pattern),
+                                  on_overflow=self._overflow)
         self.transport: Transport = make_transport(
             kind, info.transport_settings, on_data=self._on_data, on_connected=self._on_connected,
             on_disconnected=self._on_disconnected, logger=self.log)
@@ -148,6 +138,21 @@ class DeviceLink:
         self._frames: deque[bytes] = deque()   # for on_receive: loop appends, driver pops
         self._drain_posted = False
         self._paused = False            # reading paused for backpressure (loop writes)
+
+    def _tokenizer(self, pattern: Any) -> Callable[[bytes], tuple[bytes | None, bytes]] | None:
+        """The Lua `pattern` function as the framer's tokenizer (driver thread, CPU budget)."""
+        if pattern is None:
+            return None
+        label = f"framing pattern [{self.id}]".encode()
+        tokenize = self.owner.lua.tokenize
+
+        def tokenizer(buf: bytes) -> tuple[bytes | None, bytes]:
+            r = tokenize(pattern, buf, label)
+            if not r[0]:
+                raise FramingError(_text(r[1]))
+            return r[1], r[2]
+
+        return tokenizer
 
     @property
     def backlog(self) -> int:
