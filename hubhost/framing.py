@@ -225,6 +225,23 @@ class DelimiterFramer(_Base):
             data = bytes(buf[end:])
             buf.clear()
         start = 0
+        single = self._single
+        if single is not None and not self._discarding and not self._pending_tails:
+            # Fast path for one delimiter: bytes.split does the scanning in C.
+            parts = data.split(single)
+            rest = parts.pop()
+            max_frame, keep_empty = self.max_frame, self.keep_empty
+            for part in parts:
+                size = len(part)
+                if size > max_frame:
+                    self._overflow(size)
+                elif size or keep_empty:
+                    frames.append(part)
+                    self._in_burst = False
+            if rest:
+                buf += rest
+            self._keep_partial()
+            return frames
         while True:
             pos, dlen = self._find(data, start)
             if pos < 0:
