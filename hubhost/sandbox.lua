@@ -438,14 +438,18 @@ local function step(co, label, ok, a, b, ...)
   return on_done(label, true)
 end
 
+-- Disarm the budget after a resume and hand the results on (no table per event).
+local function after_resume(co, label, ok, ...)
+  local abort = M.disarm()
+  if abort then return step(co, label, false, abort) end
+  return step(co, label, ok, ...)
+end
+
 -- Start fn(...) as a new handler coroutine under the CPU budget.
 function M.spawn(label, limit, fn, ...)
   local co = co_create(fn)
   M.arm(limit, label)
-  local r = { co_resume(co, ...) }
-  local abort = M.disarm()
-  if abort then r[1], r[2] = false, abort end
-  return step(co, label, unpack(r, 1, table.maxn(r)))
+  return after_resume(co, label, co_resume(co, ...))
 end
 
 -- Resume a parked handler with the host's answer.
@@ -455,10 +459,7 @@ function M.resume(token, limit, ...)
   parked[token] = nil
   local label = current_label[co]
   M.arm(limit, label)
-  local r = { co_resume(co, ...) }
-  local abort = M.disarm()
-  if abort then r[1], r[2] = false, abort end
-  return step(co, label, unpack(r, 1, table.maxn(r)))
+  return after_resume(co, label, co_resume(co, ...))
 end
 
 function M.parked_count()
