@@ -18,7 +18,7 @@ local floor, huge = math.floor, math.huge
 local str_format, str_find, str_match = string.format, string.find, string.match
 local tconcat, tsort = table.concat, table.sort
 
-local json = require "json"
+local json = require "hubhost.json"
 
 local M = {}
 

@@ -2,7 +2,7 @@
 -- datastore. See DESIGN section 3 for the names; they are a contract with driver authors.
 local caps = select(2, ...)
 local log = require "log"
-local json = require "json"
+local json = require "hubhost.json"
 require "driver_functions"   -- functions, metadata, driver:system(): plugs into caps
 require "datastore"          -- driver.datastore, device.persistent_store: plugs into caps
 

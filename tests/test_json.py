@@ -29,7 +29,7 @@ def kit() -> Kit:
 @pytest.fixture(scope="module")
 def enc(kit: Kit) -> Any:
     """Lua function: value -> (true, text) or (false, message), via pcall(json.encode)."""
-    return kit.fn('local json = require "json"\n'
+    return kit.fn('local json = require "hubhost.json"\n'
                   "return function(src) local v = assert(loadstring('return ' .. src))() "
                   "return pcall(json.encode, v) end")
 
@@ -103,7 +103,7 @@ def test_refused_values_name_the_problem(enc: Any, src: str, pattern: str) -> No
 
 
 def test_what_and_root_name_shape_the_message(kit: Kit) -> None:
-    f = kit.fn('local json = require "json"\n'
+    f = kit.fn('local json = require "hubhost.json"\n'
                "return function() return select(2, pcall(json.encode, { x = { print } }, 'Results of function f', 'result')),"
                " select(2, pcall(json.encode, 0/0, 'Status values', 'level')),"
                " json.try_encode(print, 'Arguments of g', 'args') end")
@@ -117,7 +117,7 @@ def test_what_and_root_name_shape_the_message(kit: Kit) -> None:
 
 
 def test_a_refusal_midway_leaves_no_state_behind(kit: Kit) -> None:
-    f = kit.fn('local json = require "json"\n'
+    f = kit.fn('local json = require "hubhost.json"\n'
                "return function()\n"
                "  local a = pcall(json.encode, { o = { a = 1, b = { c = 1, d = print, e = 2 }, z = 3 } })\n"
                "  local c = {} c.c = c\n"
@@ -131,7 +131,7 @@ def test_a_refusal_midway_leaves_no_state_behind(kit: Kit) -> None:
 
 
 def test_equal_tables_give_equal_text_whatever_their_history(kit: Kit) -> None:
-    f = kit.fn('local json = require "json"\n'
+    f = kit.fn('local json = require "hubhost.json"\n'
                "return function()\n"
                "  local a, b = {}, {}\n"
                "  for i = 1, 200 do a['k' .. i] = i end\n"
@@ -146,7 +146,7 @@ def test_equal_tables_give_equal_text_whatever_their_history(kit: Kit) -> None:
 
 
 def test_datastore_nodes_encode_like_the_tables_they_hold(kit: Kit) -> None:
-    f = kit.fn('local json = require "json"\n'
+    f = kit.fn('local json = require "hubhost.json"\n'
                "return function()\n"
                "  local ds = require('datastore').init()\n"
                "  ds.enc = { z = 1, a = { 1, 2, { deep = 'x' } }, e = {} }\n"
@@ -172,7 +172,7 @@ JSONS = st.recursive(
 
 @pytest.fixture(scope="module")
 def plain_encode(kit: Kit) -> Any:
-    return kit.fn('local json = require "json" return function(v) return json.encode(v) end')
+    return kit.fn('local json = require "hubhost.json" return function(v) return json.encode(v) end')
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
