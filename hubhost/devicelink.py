@@ -244,13 +244,7 @@ class DeviceLink:
 
     def _set_reading(self, on: bool) -> None:
         """Pause or resume reading from the device (stream transports; datagrams cannot)."""
-        aio = getattr(self.transport, "_aio", None)
-        method = getattr(aio, "resume_reading" if on else "pause_reading", None)
-        if method is None:
-            return
-        try:
-            method()
-        except (RuntimeError, AttributeError, OSError):
+        if not self.transport.set_reading(on):
             return
         self._paused = not on
         self.log.debug("reading %s: the driver is %d bytes behind", "resumed" if on else "paused",
@@ -427,7 +421,7 @@ class DriverLinks:
 
     def rt_call(self, label: str, fn: Any, *args: Any) -> Any:
         # the runtime's guard: a Lua error escaping the glue counts as a failed handler
-        return self.rt._guard(label, fn, *args)
+        return self.rt.guarded(label, fn, *args)
 
     # -- host functions (driver thread) ----------------------------------------------------
     def open_device(self, device_id: bytes, driver_kind: Any) -> bool:

@@ -143,7 +143,7 @@ class DriverRuntime:
         self.port.handler_failed(self, label_s, kind, msg)
 
     # -- guarded calls into Lua ----------------------------------------------------------
-    def _guard(self, label: str, fn: Any, *args: Any) -> Any:
+    def guarded(self, label: str, fn: Any, *args: Any) -> Any:
         """Call into the Lua glue; a Lua error escaping the glue (e.g. out of memory while
         formatting a traceback) counts as a failed handler, never as a host crash."""
         self._memory_fault = False
@@ -179,23 +179,23 @@ class DriverRuntime:
         return to_lua(self.lua, {"id": info.id, "label": info.label or info.id, "config": info.config})
 
     def start_device(self, info: DeviceInfo, is_new: bool) -> None:
-        self._guard(f"init [{info.id}]", self.R.start_device, self.device_table(info), is_new)
+        self.guarded(f"init [{info.id}]", self.R.start_device, self.device_table(info), is_new)
 
     def remove_device(self, info: DeviceInfo) -> None:
-        self._guard(f"removed [{info.id}]", self.R.remove_device, self.device_table(info))
+        self.guarded(f"removed [{info.id}]", self.R.remove_device, self.device_table(info))
 
     def shutdown(self) -> None:
-        self._guard("shutdown", self.R.shutdown)
+        self.guarded("shutdown", self.R.shutdown)
 
     def fire_timer(self, timer_id: int) -> None:
-        self._guard(f"timer {timer_id}", self.R.fire_timer, timer_id)
+        self.guarded(f"timer {timer_id}", self.R.fire_timer, timer_id)
 
     def resume(self, token: int, *values: Any) -> None:
-        self._guard(f"resume {token}", self.R.resume, token, *values)
+        self.guarded(f"resume {token}", self.R.resume, token, *values)
 
     def call(self, label: str, fn: Any, *args: Any) -> None:
         """Run a Lua function as a handler coroutine (events, function calls)."""
-        self._guard(label, self.R.call, label.encode(), fn, *args)
+        self.guarded(label, self.R.call, label.encode(), fn, *args)
 
     def _collect(self) -> None:
         self._memory_fault = False

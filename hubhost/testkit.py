@@ -317,7 +317,7 @@ class _MockLink:
             return
         i = 0
         while i < len(frames):
-            result = drv.rt._guard("on_receive", drv.glue.receive, self.id_b, *frames[i:i + 256])
+            result = drv.rt.guarded("on_receive", drv.glue.receive, self.id_b, *frames[i:i + 256])
             if result is None:
                 return
             done, has_handler = result
@@ -707,7 +707,7 @@ class KitDriver:
     def _connection(self, link: _MockLink, up: bool, reason: bytes | None) -> None:
         rt = self.rt
         if rt is not None and not link.closed:
-            rt._guard("connection", self.glue.connection, link.id_b, up, reason)
+            rt.guarded("connection", self.glue.connection, link.id_b, up, reason)
 
     # -- functions -------------------------------------------------------------------------
     def _fn_done(self, cid: int, ok: bool, payload: bytes) -> None:

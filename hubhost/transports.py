@@ -189,6 +189,18 @@ class Transport:
             )
         self._write(aio, bytes(data))
 
+    def set_reading(self, on: bool) -> bool:
+        """Pause or resume reading from the device (flow control towards a slow driver).
+        Returns False where the transport cannot (datagrams, or not connected)."""
+        method = getattr(self._aio, "resume_reading" if on else "pause_reading", None)
+        if method is None:
+            return False
+        try:
+            method()
+        except (RuntimeError, AttributeError, OSError):
+            return False
+        return True
+
     async def close(self) -> None:
         """Stop reconnecting and close the connection (``on_disconnected("closed")``)."""
         self._closing = True
