@@ -416,6 +416,15 @@ local on_done   -- function(label, ok, err, traceback_text)
 function M.set_wait_handler(f) on_wait = f end
 function M.set_done_handler(f) on_done = f end
 
+-- Finished handler coroutines go back to a small pool: creating a coroutine per event was
+-- most of the cost of dispatching one.
+local DONE = {}
+local pool, pool_n = {}, 0
+local function run_jobs(fn, ...)
+  fn(...)
+  return run_jobs(co_yield(DONE))   -- a proper tail call: the stack does not grow
+end
+
 local function step(co, label, ok, a, b, ...)
   -- ok, a, b, ... are the results of co_resume
   if not ok then
@@ -423,8 +432,12 @@ local function step(co, label, ok, a, b, ...)
     current_label[co] = nil
     return on_done(label, false, a, tb)
   end
-  if co_status(co) == "dead" then
+  if a == DONE then
     current_label[co] = nil
+    if pool_n < 16 then
+      pool_n = pool_n + 1
+      pool[pool_n] = co
+    end
     return on_done(label, true)
   end
   if a == WAIT then
@@ -433,7 +446,8 @@ local function step(co, label, ok, a, b, ...)
     current_label[co] = label
     return on_wait(next_token, b, ...)
   end
-  -- a bare coroutine.yield() from driver code at handler level: finish the handler
+  -- a bare coroutine.yield() from driver code at handler level: finish the handler (the
+  -- coroutine is left suspended, never reused)
   current_label[co] = nil
   return on_done(label, true)
 end
@@ -447,9 +461,16 @@ end
 
 -- Start fn(...) as a new handler coroutine under the CPU budget.
 function M.spawn(label, limit, fn, ...)
-  local co = co_create(fn)
+  local co
+  if pool_n > 0 then
+    co = pool[pool_n]
+    pool[pool_n] = nil
+    pool_n = pool_n - 1
+  else
+    co = co_create(run_jobs)
+  end
   M.arm(limit, label)
-  return after_resume(co, label, co_resume(co, ...))
+  return after_resume(co, label, co_resume(co, fn, ...))
 end
 
 -- Resume a parked handler with the host's answer.
