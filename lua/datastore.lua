@@ -24,6 +24,7 @@
 -- This file never uses `#` (the loader would rewrite it into a metamethod-aware call): the
 -- raw primitives come from caps.raw.
 local caps = select(2, ...)
+local json = require "hubhost.json"
 local raw = caps.raw
 
 local type, tostring, error, select, setmetatable, getmetatable, tonumber =
@@ -71,38 +72,7 @@ end
 ---------------------------------------------------------------------------------------------
 -- Strings must be valid UTF-8 (JSON text). ASCII-only strings take one C scan; strings seen
 -- recently are remembered so the common write of a known key or value costs one lookup.
-local function utf8_ok(s)
-  local i, n = 1, slen(s)
-  while i <= n do
-    local c = byte(s, i)
-    if c < 0x80 then
-      i = i + 1
-    elseif c < 0xC2 then
-      return false
-    elseif c < 0xE0 then
-      local c2 = byte(s, i + 1)
-      if c2 == nil or c2 < 0x80 or c2 > 0xBF then return false end
-      i = i + 2
-    elseif c < 0xF0 then
-      local c2, c3 = byte(s, i + 1, i + 2)
-      if c3 == nil or c3 < 0x80 or c3 > 0xBF then return false end
-      local lo, hi = 0x80, 0xBF
-      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
-      if c2 < lo or c2 > hi then return false end
-      i = i + 3
-    elseif c < 0xF5 then
-      local c2, c3, c4 = byte(s, i + 1, i + 3)
-      if c4 == nil or c3 < 0x80 or c3 > 0xBF or c4 < 0x80 or c4 > 0xBF then return false end
-      local lo, hi = 0x80, 0xBF
-      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
-      if c2 < lo or c2 > hi then return false end
-      i = i + 4
-    else
-      return false
-    end
-  end
-  return true
-end
+local utf8_ok = json.utf8_ok   -- the one UTF-8 check (lua/hubhost/json.lua)
 
 local function has_high_byte(s, n)
   if n > 32 then return find(s, "[\128-\255]") ~= nil end   -- C scan (not compiled)
@@ -503,13 +473,7 @@ end
 -- Integral numbers below 2^53 are written as integers, others with %.17g (exact round
 -- trip), -0 as -0.0; empty tables as {}. Each depth-1 node keeps its JSON text until a
 -- write below it, so a flush re-encodes only what changed.
-local ESC = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f", ["\n"] = "\\n",
-              ["\r"] = "\\r", ["\t"] = "\\t" }
-for i = 0, 31 do
-  local c = char(i)
-  if not ESC[c] then ESC[c] = format("\\u%04x", i) end
-end
-local NEEDS_ESCAPE = '[%z\1-\31"\\]'
+local ESC, NEEDS_ESCAPE = json.ESC, json.NEEDS_ESCAPE
 
 local function put_string(buf, s)
   for i = 1, slen(s) do

@@ -115,6 +115,8 @@ local function quote(s)
   return '"' .. s .. '"'
 end
 M.quote = quote
+M.utf8_ok = utf8_ok            -- shared with the datastore's guard and encoder
+M.ESC, M.NEEDS_ESCAPE = ESC, NEEDS_ESCAPE
 
 -- quote() after the UTF-8 check; nil for invalid text
 local function string_text(s)
