@@ -25,12 +25,7 @@ end
 
 local state_mt = {}
 
-state_mt.__index = function(self, key)
-  for token in key:lower():gmatch("[^_]+") do
-    self.tokens[#self.tokens + 1] = token
-  end
-  return self
-end
+state_mt.__index = util.token_index
 
 state_mt.__call = function(self, ...)
   local keys = util.extract_keys("assertion", self.tokens)

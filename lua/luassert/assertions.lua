@@ -4,7 +4,6 @@
 local assert = require "luassert.assert"
 local astate = require "luassert.state"
 local util = require "luassert.util"
-local say = require "say"
 util.mark_internal(function() end)
 
 local function format(val)
@@ -15,18 +14,7 @@ local function set_failure_message(state, message)
   if message ~= nil then state.failure_message = message end
 end
 
--- Bad arguments are reported like failed assertions, at the caller's line.
-local function check(cond, message)
-  if not cond then util.fail(message) end
-end
-
-local function argtolittle(name, min, n)
-  return say("assertion.internal.argtolittle", { name, min, tostring(n) })
-end
-
-local function badargtype(pos, name, expected, got)
-  return say("assertion.internal.badargtype", { pos, name, expected, got })
-end
+local check, argtolittle, badargtype = util.check, util.argtolittle, util.badargtype
 
 local function unique(state, arguments)
   local list = arguments[1]

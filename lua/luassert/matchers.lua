@@ -4,24 +4,13 @@ local assert = require "luassert.assert"
 local astate = require "luassert.state"
 local match = require "luassert.match"
 local util = require "luassert.util"
-local say = require "say"
 util.mark_internal(function() end)
 
 local function format(val)
   return astate.format_argument(val) or tostring(val)
 end
 
-local function check(cond, message)
-  if not cond then util.fail(message) end
-end
-
-local function argtolittle(name, min, n)
-  return say("assertion.internal.argtolittle", { name, min, tostring(n) })
-end
-
-local function badargtype(pos, name, expected, got)
-  return say("assertion.internal.badargtype", { pos, name, expected, got })
-end
+local check, argtolittle, badargtype = util.check, util.argtolittle, util.badargtype
 
 local function unique(state, arguments)
   local deep = arguments[1]

@@ -103,6 +103,29 @@ end
 
 --- Raises an assertion failure whose message starts with the file:line of
 --- the first frame outside the library (what error(msg, level) would give).
+-- Bad arguments of assertions and matchers are reported like failed assertions, at the
+-- caller's line; the two message forms come from say (luassert's language table).
+function util.check(cond, message)
+  if not cond then util.fail(message) end
+end
+
+function util.argtolittle(name, min, n)
+  return require("say")("assertion.internal.argtolittle", { name, min, tostring(n) })
+end
+
+function util.badargtype(pos, name, expected, got)
+  return require("say")("assertion.internal.badargtype", { pos, name, expected, got })
+end
+
+-- __index of the chaining states of assert and match: `is_not_equal`, `.is.Not`, ... each
+-- add their lower-cased words to the token list.
+function util.token_index(self, key)
+  for token in key:lower():gmatch("[^_]+") do
+    self.tokens[#self.tokens + 1] = token
+  end
+  return self
+end
+
 function util.fail(msg, skip)
   local info = util.where(skip)
   local text = msg
