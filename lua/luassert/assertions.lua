@@ -26,15 +26,7 @@ local function unique(state, arguments)
     if type(arguments[3]) == "boolean" then deep = arguments[3] end
     set_failure_message(state, arguments[2])
   end
-  for k, v in pairs(list) do
-    for k2, v2 in pairs(list) do
-      if k ~= k2 then
-        if deep and util.deepcompare(v, v2, true) then return false end
-        if v == v2 then return false end
-      end
-    end
-  end
-  return true
+  return util.is_unique(list, deep)
 end
 
 local function near(state, arguments)

@@ -14,17 +14,7 @@ local check, argtolittle, badargtype = util.check, util.argtolittle, util.badarg
 
 local function unique(state, arguments)
   local deep = arguments[1]
-  return function(list)
-    for k, v in pairs(list) do
-      for k2, v2 in pairs(list) do
-        if k ~= k2 then
-          if deep and util.deepcompare(v, v2, true) then return false end
-          if v == v2 then return false end
-        end
-      end
-    end
-    return true
-  end
+  return function(list) return util.is_unique(list, deep) end
 end
 
 local function near(state, arguments)

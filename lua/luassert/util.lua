@@ -105,6 +105,20 @@ end
 --- the first frame outside the library (what error(msg, level) would give).
 -- Bad arguments of assertions and matchers are reported like failed assertions, at the
 -- caller's line; the two message forms come from say (luassert's language table).
+-- No two entries of `list` are equal (deep: or the same by deepcompare); shared by the
+-- `unique` assertion and matcher.
+function util.is_unique(list, deep)
+  for k, v in pairs(list) do
+    for k2, v2 in pairs(list) do
+      if k ~= k2 then
+        if deep and util.deepcompare(v, v2, true) then return false end
+        if v == v2 then return false end
+      end
+    end
+  end
+  return true
+end
+
 function util.check(cond, message)
   if not cond then util.fail(message) end
 end
