@@ -52,14 +52,7 @@ local root = nil
 
 ---------------------------------------------------------------------------------------------
 -- Errors.
-local function show(v)
-  if type(v) ~= "string" then return tostring(v) end
-  local s = v
-  if slen(s) > 60 then s = sub(s, 1, 57) .. "..." end
-  s = format("%q", s)
-  s = gsub(s, "\\\n", "\\n")
-  return (gsub(s, "[\128-\255]", function(c) return format("\\%d", byte(c)) end))
-end
+local show = json.show   -- the encoder's way of showing a refused value
 
 local function fail(what) error(PREFIX .. what, 0) end
 local function fail_type(v) fail(tostring(v) .. " is of unsupported type " .. type(v)) end

@@ -116,6 +116,7 @@ local function quote(s)
 end
 M.quote = quote
 M.utf8_ok = utf8_ok            -- shared with the datastore's guard and encoder
+M.show = show                  -- how a refused value is shown in messages (datastore too)
 M.ESC, M.NEEDS_ESCAPE = ESC, NEEDS_ESCAPE
 
 -- quote() after the UTF-8 check; nil for invalid text
