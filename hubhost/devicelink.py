@@ -66,6 +66,18 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def request_options(timeout: float, retries: Any, priority: Any, name: bytes | None,
+                    match: bytes | None) -> dict[str, Any]:
+    """RequestQueue.submit options from device:request's (already checked) Lua options;
+    `match` is a prefix the response frame must start with."""
+    options: dict[str, Any] = {"timeout": timeout, "retries": retries, "priority": priority}
+    if name:
+        options["name"] = name.decode("utf-8", "replace")
+    if match:
+        options["match"] = lambda frame, p=bytes(match): frame.startswith(p)
+    return options
+
+
 def framing_spec(table: Any) -> tuple[dict[str, Any], Any]:
     """A template's Lua ``framing`` table as make_framer's dict, plus the pattern function."""
     if table is None:
@@ -489,12 +501,7 @@ class DriverLinks:
         if link is None:
             self.post(self.rt.resume, token, None, b"disconnected")
             return
-        options: dict[str, Any] = {"timeout": timeout, "retries": retries, "priority": priority}
-        if name:
-            options["name"] = name.decode("utf-8", "replace")
-        if match:
-            options["match"] = lambda frame, p=bytes(match): frame.startswith(p)
-        self.to_loop(link.submit, token, data, options)
+        self.to_loop(link.submit, token, data, request_options(timeout, retries, priority, name, match))
 
     # -- loop thread -----------------------------------------------------------------------
     def _open_link(self, link: DeviceLink) -> None:

@@ -37,7 +37,7 @@ import orjson
 
 from . import atomicfile, paths
 from .datastore import DatastoreBinding, StaleWriter, StoreFile, read_store_file
-from .devicelink import check_framing, framing_spec
+from .devicelink import check_framing, framing_spec, request_options
 from .framing import FramingError, TokenizerError, make_framer
 from .functions import LEVELS, ExecError, Interface, check_call, check_device
 from .requests import RequestQueue
@@ -686,12 +686,8 @@ class KitDriver:
         if link is None:
             self.clock.post(self._resume, rt, token, None, b"disconnected")
             return
-        options: dict[str, Any] = {"timeout": timeout, "retries": retries, "priority": priority}
-        if name:
-            options["name"] = name.decode("utf-8", "replace")
-        if match:
-            options["match"] = lambda frame, p=bytes(match): frame.startswith(p)
-        self.clock.post(link.submit, rt, token, bytes(data), options)
+        self.clock.post(link.submit, rt, token, bytes(data),
+                        request_options(timeout, retries, priority, name, match))
 
     def _wait_save(self, rt: DriverRuntime, token: int, seq: int, data: bytes) -> None:
         b = self.binding
