@@ -84,7 +84,6 @@ sethook(cpu_hook, "", 20000)
 function M.arm(limit_seconds, label)
   abort_message = nil
   deadline = host_clock() + limit_seconds
-  M.limit_label = label
 end
 
 function M.disarm()
@@ -93,8 +92,6 @@ function M.disarm()
   abort_message = nil
   return m
 end
-
-function M.set_abort_message(text) abort_message = text end
 
 -- After the budget is spent, any error caught by driver code is turned back into the abort.
 local function recheck(ok, ...)
@@ -386,7 +383,6 @@ function new_env()
 end
 M.new_env = new_env
 
-function M.register_module(name, value) loaded[name] = value end
 
 ---------------------------------------------------------------------------------------------
 -- Running handlers: each event runs in a coroutine; host waits (sleep, request, save)
@@ -483,10 +479,5 @@ function M.resume(token, limit, ...)
   return after_resume(co, label, co_resume(co, ...))
 end
 
-function M.parked_count()
-  local n = 0
-  for _ in pairs(parked) do n = n + 1 end
-  return n
-end
 
 return M
