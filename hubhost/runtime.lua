@@ -110,7 +110,7 @@ function R.load_driver(src, chunkname)
   driver_env = sb.new_env()
   local fn, err = sb.compile(src, chunkname, driver_env, true)
   if not fn then return false, err end
-  local result_ok, result_err, returned = true, nil, nil
+  local returned = nil
   local co_fn = function()
     local r = fn()
     returned = r

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .sandbox import LuaError, Sandbox, from_lua, to_lua
+from .sandbox import LuaError, Sandbox, chunkname, from_lua, to_lua
 from .status import StatusStore
 
 log = logging.getLogger("hubhost.driver")
@@ -164,8 +164,6 @@ class DriverRuntime:
         entry = self.driver_dir / "init.lua"
         if not entry.is_file():
             raise DriverLoadError(f"{entry}: no such file (a driver folder needs init.lua)")
-        from .sandbox import chunkname
-
         try:
             ok, err = self.R.load_driver(entry.read_bytes(), chunkname(entry))
         except LuaError as e:
