@@ -134,8 +134,7 @@ class DriverSlot:
             self.faults = [t for t in self.faults if now - t < FAULT_WINDOW] + [now]
             if len(self.faults) >= FAULT_LIMIT:
                 self.crash(f"{len(self.faults)} {kind} limit faults in {FAULT_WINDOW:g} s")
-        if kind != "error" or True:
-            self.sup.after_handler_fault(self, rt)
+        self.sup.after_handler_fault(self, rt)
 
     # -- start / stop --------------------------------------------------------------------
     async def start(self) -> bool:
@@ -212,7 +211,8 @@ class DriverSlot:
         """Stop this runtime and schedule a restart with exponential backoff."""
         if self.state in ("restarting", "stopped"):
             return
-        log.error("[%s] driver crashed: %s; restarting in %g s", self.id, reason, self.backoff)
+        log.error("[%s] driver crashed: %s; restarting in %g s", self.id, reason,
+                  0.0 if stuck else self.backoff)
         self.last_error = reason
         self._cancel_all()
         rt, actor = self.rt, self.actor
@@ -228,8 +228,11 @@ class DriverSlot:
         now = time.monotonic()
         if now - self.last_crash > max(120.0, 2 * self.backoff):
             self.backoff = BACKOFF_START
-        delay = self.backoff
-        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        if stuck:
+            delay = 0.0   # the stuck thread is given up, not the driver: back at once
+        else:
+            delay = self.backoff
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         self.last_crash = now
         self.restarts += 1
         self.faults.clear()
@@ -347,9 +350,7 @@ class Supervisor:
                     log.error("[%s] handler stuck for %.1f s (limit %g s) in code the CPU hook cannot "
                               "interrupt; abandoning its thread and restarting from saved state",
                               s.id, a.busy_for(), s.cfg.cpu_limit)
-                    s.backoff = 0.0
                     s.crash("stuck handler", stuck=True)
-                    s.backoff = BACKOFF_START
 
     def request_stop(self) -> None:
         if self._stop_event is not None:
