@@ -157,7 +157,7 @@ async def client_fanout(ours_path: str, base_path: str, rounds: int) -> None:
 async def baseline_app(sock_path: Path) -> tuple[Any, list[Any]]:
     from aiohttp import web
 
-    from hubhost.actor import Actor
+    from hubhost.worker.actor import Actor
 
     wss: list[Any] = []
 
@@ -192,8 +192,8 @@ async def baseline_app(sock_path: Path) -> tuple[Any, list[Any]]:
 
 async def start_hub(tmp: Path) -> Any:
     from hubhost import config as config_mod
-    from hubhost.hub import install_parts
-    from hubhost.supervisor import Supervisor
+    from hubhost.supervisor.hub import install_parts
+    from hubhost.supervisor.supervisor import Supervisor
 
     (tmp / "bench").mkdir(exist_ok=True)
     (tmp / "bench" / "init.lua").write_text(textwrap.dedent(DRIVER))

@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson  # noqa: E402
 
-from hubhost import atomicfile  # noqa: E402
-from hubhost.check import _NullPort  # noqa: E402
-from hubhost.datastore import DatastoreBinding, StoreFile  # noqa: E402
-from hubhost.runtime import DriverRuntime  # noqa: E402
+from hubhost.state import atomicfile  # noqa: E402
+from hubhost.cli.check import _NullPort  # noqa: E402
+from hubhost.state.datastore import DatastoreBinding, StoreFile  # noqa: E402
+from hubhost.sandbox.runtime import DriverRuntime  # noqa: E402
 
 DRIVER = b"""
 local driver_helper = require "driver_helper"

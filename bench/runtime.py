@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lupa.luajit21 as lupa  # noqa: E402
 
 from hubhost import config as config_mod  # noqa: E402
-from hubhost.supervisor import Supervisor  # noqa: E402
+from hubhost.supervisor.supervisor import Supervisor  # noqa: E402
 
 TRIVIAL = """
 local driver_helper = require "driver_helper"

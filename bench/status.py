@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis  # noqa: E402
 
-from hubhost.mirror import RedisMirror  # noqa: E402
-from hubhost.status import StatusStore  # noqa: E402
+from hubhost.status.mirror import RedisMirror  # noqa: E402
+from hubhost.status.store import StatusStore  # noqa: E402
 
 Producer = Callable[[StatusStore, int, int, int], None]
 
@@ -73,8 +73,8 @@ def lua_producer(store: StatusStore, devices: int, fields: int, changes: int) ->
     (check, JSON encoding, StatusStore.set), timed including the devices' start."""
     import tempfile
 
-    from hubhost.check import _NullPort
-    from hubhost.runtime import DeviceInfo, DriverRuntime
+    from hubhost.cli.check import _NullPort
+    from hubhost.sandbox.runtime import DeviceInfo, DriverRuntime
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "init.lua").write_bytes(LUA_PRODUCER)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runtime import DeviceInfo
+from hubhost.sandbox.runtime import DeviceInfo
 
 TRANSPORTS = ("serial", "tcp", "udp")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical")
@@ -170,7 +170,7 @@ def _api(c: _Checker, raw: dict[str, Any], base: Path) -> dict[str, Any]:
 def _check_transport(c: _Checker, key: str, kind: str, settings: dict[str, Any]) -> None:
     """Transport settings are checked here, at start, by the transports' own validator;
     the message names the offending setting's key."""
-    from .transports import TRANSPORT_KEYS, validate_settings
+    from hubhost.devices.transports import TRANSPORT_KEYS, validate_settings
 
     for name in settings:
         if name not in TRANSPORT_KEYS[kind]:

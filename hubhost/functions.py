@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .runtime import DriverRuntime
-from .sandbox import LuaError, to_lua
-from .subscriptions import Subscriber, Subscriptions
+from hubhost.sandbox.runtime import DriverRuntime
+from hubhost.sandbox.sandbox import LuaError, to_lua
+from hubhost.status.subscriptions import Subscriber, Subscriptions
 
 __all__ = ["ExecError", "FunctionHost", "Interface", "LEVELS", "SystemRef", "bind_args", "check_call",
            "check_device"]

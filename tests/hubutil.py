@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from hubhost import config as config_mod
-from hubhost.hub import install_parts
-from hubhost.supervisor import Supervisor
+from hubhost.supervisor.hub import install_parts
+from hubhost.supervisor.supervisor import Supervisor
 
 
 def write_driver(root: Path, name: str, init_src: str, **files: str) -> Path:

@@ -20,8 +20,8 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hubhost import cli
-from hubhost.api import bind_unix
+from hubhost.cli import main as cli
+from hubhost.api.server import bind_unix
 from hubutil import run, running_hub, write_config, write_driver
 
 SUPPORT_TOKEN = "support-token-0123456789"
@@ -251,7 +251,7 @@ def test_unix_socket_mode_and_default_place(tmp_path: Path, monkeypatch: pytest.
         async with running_hub(cfg, tmp_path / "state") as (sup, cap):
             assert sup.api.socket_path == path
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-            from hubhost.client import ApiClient
+            from hubhost.api.client import ApiClient
             async with ApiClient(path) as c:
                 assert (await c.get("/api/v1/systems"))["office"]["Lamp/1"] == "l1"
 
@@ -552,7 +552,7 @@ def _ws_frame(text: str) -> bytes:
 def test_a_websocket_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
     """Memory stays bounded: a subscriber that stops reading is disconnected once it falls
     MAX_WS_BACKLOG messages behind, and the hub goes on serving everyone else."""
-    from hubhost.api import MAX_WS_BACKLOG
+    from hubhost.api.server import MAX_WS_BACKLOG
 
     async def main() -> None:
         async with running_hub(lamp_config(tmp_path), tmp_path / "state") as (sup, cap):

@@ -19,7 +19,7 @@ KILLS = 220
 
 def test_sigkill_at_random_moments_never_loses_a_completed_save(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["drivers_datastore.kit", "hubhost.datastore", "hubhost.supervisor"])
+    ctx.set_forkserver_preload(["drivers_datastore.kit", "hubhost.state.datastore", "hubhost.supervisor.supervisor"])
     state = tmp_path / "state"
     file = state / "drivers" / "crash" / "datastore.json"
     rng = random.Random(20240503)

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers_datastore.kit import HERE, PREFIX, Kit, text
-from hubhost.datastore import DatastoreBinding
-from hubhost.runtime import DriverRuntime
+from hubhost.state.datastore import DatastoreBinding
+from hubhost.sandbox.runtime import DriverRuntime
 
 SEED = Path("/work/shared/seeds/003_ee4f44d12c2c984c.txt")
 ADDR = re.compile(r"0x[0-9a-f]+")
@@ -414,7 +414,7 @@ def test_device_store_is_the_node_at_double_underscore_id(tmp_path: Path) -> Non
           end,
         } }
     """)
-    from hubhost.runtime import DeviceInfo
+    from hubhost.sandbox.runtime import DeviceInfo
     kit = Kit(tmp_path / "state", driver)
     kit.rt.start_device(DeviceInfo(id="lamp-1"), True)
     assert kit.port.failures == []

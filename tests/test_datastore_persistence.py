@@ -22,9 +22,9 @@ import orjson
 import pytest
 
 from drivers_datastore.kit import BASIC, Hub, Kit, hub_config, text, until, write_driver
-from hubhost import atomicfile
-from hubhost.datastore import StoreFile, StoreUnreadable, read_store_file
-from hubhost.runtime import DeviceInfo
+from hubhost.state import atomicfile
+from hubhost.state.datastore import StoreFile, StoreUnreadable, read_store_file
+from hubhost.sandbox.runtime import DeviceInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -306,7 +306,7 @@ def test_bad_file_at_start_is_quarantined_and_the_bak_loaded(tmp_path: Path, cap
     assert len(quarantined) == 1
     assert re.fullmatch(r"datastore\.json\.corrupt-\d{8}T\d{6}Z", quarantined[0].name)
     assert quarantined[0].read_bytes() == BAD_FILES[kind]
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "hubhost.datastore"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "hubhost.state.datastore"]
     assert len(errors) == 1 and "datastore.json is unusable" in errors[0].getMessage()
     loaded = [r.getMessage() for r in caplog.records if "loaded from" in r.getMessage()]
     if with_bak:
@@ -340,14 +340,14 @@ FSIZE_CHILD = r"""
 import json, logging, resource, sys, time
 sys.path.insert(0, sys.argv[2])
 from drivers_datastore.kit import Kit
-import hubhost.datastore as hd
+import hubhost.state.datastore as hd
 from pathlib import Path
 
 records = []
 class H(logging.Handler):
     def emit(self, r): records.append((r.levelname, r.getMessage()))
-logging.getLogger("hubhost.datastore").addHandler(H())
-logging.getLogger("hubhost.datastore").setLevel(logging.INFO)
+logging.getLogger("hubhost.state.datastore").addHandler(H())
+logging.getLogger("hubhost.state.datastore").setLevel(logging.INFO)
 
 kit = Kit(Path(sys.argv[1]))
 store = kit.binding.store
@@ -396,13 +396,13 @@ HUB_FSIZE_CHILD = r"""
 import asyncio, json, logging, resource, sys
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
-import hubhost.datastore as hd
+import hubhost.state.datastore as hd
 from drivers_datastore.kit import Hub, hub_config, until, write_driver
 hd.RETRY_START = 0.05
 records = []
 class H(logging.Handler):
     def emit(self, r): records.append((r.levelname, r.getMessage()))
-logging.getLogger("hubhost.datastore").addHandler(H())
+logging.getLogger("hubhost.state.datastore").addHandler(H())
 tmp = Path(sys.argv[1])
 drv = write_driver(tmp / "d", '''
   local driver_helper = require "driver_helper"
@@ -443,7 +443,7 @@ def test_the_flusher_retries_a_failed_write_with_backoff_and_logs_once(tmp_path:
 # -- hubhost datastore ------------------------------------------------------------------------------
 
 def test_cli_prints_the_store_and_falls_back_to_the_bak(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from hubhost.cli import main
+    from hubhost.cli.main import main
 
     folder = tmp_path / "drivers" / "drv"
     assert main(["datastore", "drv", "--state-dir", str(tmp_path)]) == 1

@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 
 from hubhost import config as config_mod
-from hubhost.simulators import ProjectorSimulator
+from hubhost.devices.simulators import ProjectorSimulator
 from hubutil import run, running_hub, write_config, write_driver
 
 pytestmark = pytest.mark.timeout(60)
@@ -821,7 +821,7 @@ SLOW = """
 
 
 def test_a_slow_driver_pushes_back_on_a_fast_device_instead_of_dropping(tmp_path: Path, monkeypatch) -> None:
-    from hubhost import devicelink
+    from hubhost.devices import devicelink
 
     monkeypatch.setattr(devicelink, "PAUSE_AT", 32 << 10)
     monkeypatch.setattr(devicelink, "RESUME_AT", 8 << 10)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hubhost.framing import (
+from hubhost.devices.framing import (
     ChunkFramer,
     DelimiterFramer,
     FramingError,

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hubhost.check import _NullPort
+from hubhost.cli.check import _NullPort
 from hubhost.functions import ExecError, Function, Interface, bind_args
-from hubhost.runtime import DriverLoadError, DriverRuntime
+from hubhost.sandbox.runtime import DriverLoadError, DriverRuntime
 from hubutil import run, running_hub, write_config, write_driver
 
 # The example of seeds/001, as a driver template.

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers_datastore.kit import Kit, NullPort, text
-from hubhost.runtime import DeviceInfo, DriverRuntime
-from hubhost.sandbox import to_lua
+from hubhost.sandbox.runtime import DeviceInfo, DriverRuntime
+from hubhost.sandbox.sandbox import to_lua
 from hubutil import write_driver
 
 PREFIX = "Values must be JSON encodable: "

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hubhost.luasource import LEN_FUNCTION, rewrite_len
+from hubhost.sandbox.luasource import LEN_FUNCTION, rewrite_len
 
 # ---------------------------------------------------------------------------------------
 # Table of cases: input -> expected output

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hubhost import specrun
+from hubhost.testing import specrun
 
 OK = None  # the case must pass
 

@@ -17,10 +17,10 @@ import orjson
 import pytest
 import redis
 
-from hubhost.mirror import Keys, RedisMirror
-from hubhost.status import StatusStore
+from hubhost.status.mirror import Keys, RedisMirror
+from hubhost.status.store import StatusStore
 
-MIRROR_LOG = "hubhost.mirror"
+MIRROR_LOG = "hubhost.status.mirror"
 
 
 class LoopThread:

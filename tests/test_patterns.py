@@ -595,7 +595,7 @@ def test_short_finds_cost_close_to_native():
 
 SANDBOXED = r"""
 import json, time
-from hubhost.sandbox import LuaError, Sandbox
+from hubhost.sandbox.sandbox import LuaError, Sandbox
 sb = Sandbox()
 out = {}
 # Ordinary calls through the string metatable and through string.*: native results.

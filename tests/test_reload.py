@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 import pytest
 
-from hubhost.client import ApiClient
+from hubhost.api.client import ApiClient
 from hubutil import run, running_hub, write_config, write_driver
 
 COUNTER = """

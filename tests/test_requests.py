@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from hubhost.framing import make_framer
-from hubhost.requests import RequestQueue
-from hubhost.simulators import DisplaySimulator, ProjectorSimulator
-from hubhost.transports import Backoff, NotConnectedError, SerialTransport, TcpTransport
+from hubhost.devices.framing import make_framer
+from hubhost.devices.requests import RequestQueue
+from hubhost.devices.simulators import DisplaySimulator, ProjectorSimulator
+from hubhost.devices.transports import Backoff, NotConnectedError, SerialTransport, TcpTransport
 
 FAST = Backoff(initial=0.01, maximum=0.05, stable=0.0)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from hubhost.check import _NullPort
-from hubhost.runtime import DriverRuntime
-from hubhost.sandbox import LuaError, Sandbox
+from hubhost.cli.check import _NullPort
+from hubhost.sandbox.runtime import DriverRuntime
+from hubhost.sandbox.sandbox import LuaError, Sandbox
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hubhost.sdnotify import Notifier, watchdog_interval, watchdog_loop
+from hubhost.supervisor.sdnotify import Notifier, watchdog_interval, watchdog_loop
 
 
 class Receiver:
@@ -150,7 +150,7 @@ def test_send_errors_never_raise_and_log_once(
 ) -> None:
     gone = str(tmp_path / "nobody-listens.sock")
     notifier = Notifier(gone)
-    caplog.set_level(logging.DEBUG, logger="hubhost.sdnotify")
+    caplog.set_level(logging.DEBUG, logger="hubhost.supervisor.sdnotify")
     assert notifier.watchdog() is False
     assert notifier.watchdog() is False
     assert notifier.status("still alive") is False

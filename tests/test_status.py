@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hubhost.status import StatusStore
+from hubhost.status.store import StatusStore
 
 
 def test_set_get_and_change_detection_by_json_text() -> None:

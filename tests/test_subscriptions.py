@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from hubhost.status import StatusStore
-from hubhost.subscriptions import Subscriptions
+from hubhost.status.store import StatusStore
+from hubhost.status.subscriptions import Subscriptions
 from hubutil import run, running_hub, write_config, write_driver
 
 INDEX_AB = {"s1": {"Display/1": "a", "Display/2": "b"}}

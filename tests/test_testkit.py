@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
-from hubhost import specrun, testkit
-from hubhost.testkit import KitDevice, KitDriver, KitError, VirtualClock
+from hubhost.testing import specrun, testkit
+from hubhost.testing.testkit import KitDevice, KitDriver, KitError, VirtualClock
 
 pytest_plugins = ["pytester"]
 
@@ -273,7 +273,7 @@ def test_the_guides_complete_example_passes(tmp_path: Path) -> None:
 
 def test_the_kit_is_for_specs_only(tmp_path: Path) -> None:
     """A driver that requires hubhost.test gets a clear refusal, not a kit."""
-    from hubhost.check import check_driver
+    from hubhost.cli.check import check_driver
 
     drv = tmp_path / "sneaky"
     drv.mkdir()

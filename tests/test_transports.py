@@ -10,9 +10,9 @@ import tty
 
 import pytest
 
-from hubhost.framing import make_framer
-from hubhost.simulators import DisplaySimulator, ProjectorSimulator
-from hubhost.transports import (
+from hubhost.devices.framing import make_framer
+from hubhost.devices.simulators import DisplaySimulator, ProjectorSimulator
+from hubhost.devices.transports import (
     Backoff,
     NotConnectedError,
     SendBufferFull,

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hubhost.datastore import DatastoreBinding
-from hubhost.runtime import DriverRuntime
+from hubhost.state.datastore import DatastoreBinding
+from hubhost.sandbox.runtime import DriverRuntime
 
 HERE = Path(__file__).resolve().parent
 BASIC = HERE / "basic"
@@ -127,8 +127,8 @@ class Hub:
     """A Supervisor with only the datastore part, on the running asyncio loop."""
 
     def __init__(self, cfg: Any, state: Path) -> None:
-        from hubhost import datastore
-        from hubhost.supervisor import Supervisor
+        from hubhost.state import datastore
+        from hubhost.supervisor.supervisor import Supervisor
 
         self.sup = Supervisor(cfg, state)
         self.service = datastore.install(self.sup)

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any, Callable
 
-log = logging.getLogger("hubhost.actor")
+log = logging.getLogger("hubhost.worker.actor")
 _STOP = object()
 
 

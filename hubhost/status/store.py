@@ -22,7 +22,7 @@ __all__ = ["Listener", "StatusStore"]
 
 Listener = Callable[[str, str, "str | None"], None]
 
-_log = logging.getLogger("hubhost.status")
+_log = logging.getLogger("hubhost.status.store")
 
 
 class StatusStore:

@@ -35,16 +35,18 @@ from typing import Any, Callable
 import lupa.luajit21 as lupa
 import orjson
 
-from . import atomicfile, paths
-from .datastore import DatastoreBinding, StaleWriter, StoreFile, read_store_file
-from .devicelink import check_framing, framing_spec, request_options
-from .framing import FramingError, TokenizerError, make_framer
-from .functions import LEVELS, ExecError, Interface, check_call, check_device
-from .requests import RequestQueue
-from .runtime import DeviceInfo, DriverLoadError, DriverRuntime
-from .sandbox import LuaError, Sandbox, from_lua, to_lua
-from .specrun import driver_root
-from .status import StatusStore
+from hubhost.state import atomicfile
+
+from hubhost import paths
+from hubhost.state.datastore import DatastoreBinding, StaleWriter, StoreFile, read_store_file
+from hubhost.devices.devicelink import check_framing, framing_spec, request_options
+from hubhost.devices.framing import FramingError, TokenizerError, make_framer
+from hubhost.functions import LEVELS, ExecError, Interface, check_call, check_device
+from hubhost.devices.requests import RequestQueue
+from hubhost.sandbox.runtime import DeviceInfo, DriverLoadError, DriverRuntime
+from hubhost.sandbox.sandbox import LuaError, Sandbox, from_lua, to_lua
+from hubhost.testing.specrun import driver_root
+from hubhost.status.store import StatusStore
 
 __all__ = ["KitError", "VirtualClock", "KitDriver", "KitHost", "install"]
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import orjson
 
-from .config import HubConfig
-from .supervisor import Supervisor, run_hub
+from hubhost.config import HubConfig
+from hubhost.supervisor.supervisor import Supervisor, run_hub
 
 log = logging.getLogger("hubhost")
 
@@ -49,7 +49,7 @@ def install_mirror(sup: Supervisor) -> None:
     rc = sup.config.redis
     if rc is None:
         return
-    from .mirror import RedisMirror
+    from hubhost.status.mirror import RedisMirror
 
     mirror = RedisMirror(sup.status, rc.url, rc.prefix, socket_timeout=rc.socket_timeout,
                          connect_timeout=rc.connect_timeout)
@@ -85,7 +85,7 @@ def status_line(sup: Supervisor) -> str:
 def install_systemd(sup: Supervisor) -> None:
     """sd_notify: READY=1 once every driver has started (or failed), STATUS= lines,
     WATCHDOG=1 from the event loop, RELOADING=1/READY=1 around reloads, STOPPING=1."""
-    from . import sdnotify
+    from hubhost.supervisor import sdnotify
 
     notifier = sdnotify.Notifier.from_env(unset=True)
     sup.notifier = notifier
@@ -118,7 +118,7 @@ def install_parts(sup: Supervisor) -> None:
     """Plug the optional parts (datastore, status, mirror, transports, API) into `sup`."""
     install_mirror(sup)
     install_systemd(sup)
-    for mod_name in ("hubhost.datastore", "hubhost.devicelink", "hubhost.api"):
+    for mod_name in ("hubhost.state.datastore", "hubhost.devices.devicelink", "hubhost.api.server"):
         try:
             mod = __import__(mod_name, fromlist=["install"])
         except ImportError as e:
@@ -134,7 +134,7 @@ def install_demo(sup: Supervisor) -> None:
     """`hubhost run --demo` only: start the simulated devices before the drivers and point
     each device whose config names a `simulator` at its own one ("projector": a pty,
     "display": TCP on 127.0.0.1, port picked at start). Normal configs never come here."""
-    from .simulators import DisplaySimulator, ProjectorSimulator
+    from hubhost.devices.simulators import DisplaySimulator, ProjectorSimulator
 
     sims: list[Any] = []
 

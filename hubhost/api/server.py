@@ -40,13 +40,13 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import WSMsgType, web
 
-from .functions import LEVELS, ExecError, FunctionHost, SystemRef
-from .subscriptions import Subscriptions
+from hubhost.functions import LEVELS, ExecError, FunctionHost, SystemRef
+from hubhost.status.subscriptions import Subscriptions
 
 __all__ = ["ApiSettings", "ApiServer", "install", "reload_config", "default_socket_path",
            "bind_unix", "short_unix_path"]
 
-log = logging.getLogger("hubhost.api")
+log = logging.getLogger("hubhost.api.server")
 
 MAX_BODY = 1024 * 1024
 MAX_WS_BACKLOG = 10_000          # queued messages before a slow WebSocket client is dropped
@@ -581,8 +581,8 @@ _reload_locks: "weakref.WeakKeyDictionary[Any, asyncio.Lock]" = weakref.WeakKeyD
 
 async def reload_config(sup: Any) -> dict[str, list[str]]:
     """Re-read the hub's config file and apply it (SIGHUP, `hubhost reload`, POST /reload)."""
-    from . import config as config_mod
-    from .hub import device_systems
+    from hubhost import config as config_mod
+    from hubhost.supervisor.hub import device_systems
 
     lock = _reload_locks.setdefault(sup, asyncio.Lock())
     async with lock:
@@ -635,7 +635,7 @@ def subs_owned(sup: Any) -> list[str]:
 
 def install(sup: Any) -> None:
     """Plug functions, subscriptions, the API server and config reload into `sup`."""
-    from .hub import device_systems
+    from hubhost.supervisor.hub import device_systems
 
     settings = ApiSettings.from_config(sup.config.api or {}, sup.state_dir)
     subs = Subscriptions(sup.status)
@@ -652,8 +652,8 @@ def install(sup: Any) -> None:
 
     watcher = None
     if sup.config.redis is not None:
-        from .mirror import Keys
-        from .subscriptions import LookupWatcher
+        from hubhost.status.mirror import Keys
+        from hubhost.status.subscriptions import LookupWatcher
 
         watcher = LookupWatcher(subs, sup.config.redis.url, Keys(sup.config.redis.prefix),
                                 lambda: set(subs_owned(sup)))

@@ -18,13 +18,15 @@ from typing import Any, Callable
 
 import orjson
 
-from . import atomicfile, paths
-from .actor import Actor
-from .config import DriverConfig, HubConfig
-from .runtime import DeviceInfo, DriverLoadError, DriverRuntime
-from .status import StatusStore
+from hubhost.state import atomicfile
 
-log = logging.getLogger("hubhost.supervisor")
+from hubhost import paths
+from hubhost.worker.actor import Actor
+from hubhost.config import DriverConfig, HubConfig
+from hubhost.sandbox.runtime import DeviceInfo, DriverLoadError, DriverRuntime
+from hubhost.status.store import StatusStore
+
+log = logging.getLogger("hubhost.supervisor.supervisor")
 
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0

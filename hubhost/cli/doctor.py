@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from . import config as config_mod
-from . import paths
+from hubhost import config as config_mod
+from hubhost import paths
 
 UNIT_PATHS = (Path("/etc/systemd/system/hubhost.service"), Path("/lib/systemd/system/hubhost.service"),
               Path("/usr/lib/systemd/system/hubhost.service"))
@@ -110,7 +110,7 @@ def _check_tcp(r: Report, device_id: str, host: str, port: int) -> None:
 
 
 def run_doctor(config_path: Path, state_dir: str | None, out: Callable[[str], None] = print) -> int:
-    from .check import check_driver
+    from hubhost.cli.check import check_driver
 
     r = Report(out)
     try:

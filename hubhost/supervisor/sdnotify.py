@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 __all__ = ["Notifier", "watchdog_interval", "watchdog_loop"]
 
-log = logging.getLogger("hubhost.sdnotify")
+log = logging.getLogger("hubhost.supervisor.sdnotify")
 
 #: How long one send may wait for room in a full receiver queue before the
 #: message is dropped (Linux queues only ``net.unix.max_dgram_qlen`` datagrams).

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from . import specrun
-from .specrun import Outcome, SpecLoadError, SpecResult, SpecTest
+from hubhost.testing import specrun
+from hubhost.testing.specrun import Outcome, SpecLoadError, SpecResult, SpecTest
 
 # Tags that would change how pytest treats an item (or need arguments) stay keywords
 # only; `#skip` and `#xfail` keep pytest's meaning on purpose.

@@ -33,15 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import atomicfile
-from .sandbox import LuaError
+from hubhost.state import atomicfile
+from hubhost.sandbox.sandbox import LuaError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .actor import Actor
-    from .runtime import DriverRuntime
-    from .supervisor import DriverSlot, Supervisor
+    from hubhost.worker.actor import Actor
+    from hubhost.sandbox.runtime import DriverRuntime
+    from hubhost.supervisor.supervisor import DriverSlot, Supervisor
 
-log = logging.getLogger("hubhost.datastore")
+log = logging.getLogger("hubhost.state.datastore")
 
 FILE_NAME = "datastore.json"
 RETRY_START = 1.0          # seconds before the first retry of a failed write

@@ -40,7 +40,7 @@ from typing import Callable
 Result = tuple["bytes | None", "str | None"]
 Matcher = Callable[[bytes], bool]
 
-_log = logging.getLogger("hubhost.requests")
+_log = logging.getLogger("hubhost.devices.requests")
 
 
 class _Request:

@@ -11,14 +11,14 @@ from typing import Any, Sequence
 
 import orjson
 
-from . import __version__, logs, paths
+from hubhost import __version__, logs, paths
 
 log = logging.getLogger("hubhost")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import config as config_mod
-    from .hub import run
+    from hubhost import config as config_mod
+    from hubhost.supervisor.hub import run
 
     if args.demo and args.config:
         print("hubhost run: give either --config or --demo, not both", file=sys.stderr)
@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_driver
+    from hubhost.cli.check import check_driver
 
     logs.setup(args.log_level or "warning")
     ok, report = check_driver(Path(args.driver_dir))
@@ -51,7 +51,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_new(args: argparse.Namespace) -> int:
-    from .scaffold import new_driver
+    from hubhost.cli.scaffold import new_driver
 
     try:
         path = new_driver(args.name, Path(args.dir))
@@ -82,7 +82,7 @@ def run_tests(argv: Sequence[str]) -> int:
     # its warning would only puzzle an author
     extra = ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        extra += ["-p", "hubhost.pytest_plugin"]   # entry points are off: load the plugin by name
+        extra += ["-p", "hubhost.testing.pytest_plugin"]   # entry points are off: load the plugin by name
     counter = _Collected()
     code = int(pytest.main([*extra, *args], plugins=[counter]))
     if code == int(pytest.ExitCode.NO_TESTS_COLLECTED) and counter.items == 0:
@@ -106,7 +106,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 
 def _cmd_datastore(args: argparse.Namespace) -> int:
-    from .datastore import read_store_file
+    from hubhost.state.datastore import read_store_file
 
     state = paths.state_dir(args.state_dir)
     try:
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Any]:
     """Commands contributed by other modules (API client, doctor), if present."""
     found = []
-    for mod_name in ("hubhost.client", "hubhost.doctor"):
+    for mod_name in ("hubhost.api.client", "hubhost.cli.doctor"):
         try:
             mod = __import__(mod_name, fromlist=["add_commands"])
         except ImportError:

@@ -34,7 +34,7 @@ DataCallback = Callable[[bytes], None]
 ConnectedCallback = Callable[[], None]
 DisconnectedCallback = Callable[[str], None]
 
-_log = logging.getLogger("hubhost.transports")
+_log = logging.getLogger("hubhost.devices.transports")
 
 
 class TransportError(Exception):

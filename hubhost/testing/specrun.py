@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import paths
-from .sandbox import LuaError, Sandbox, chunkname
+from hubhost import paths
+from hubhost.sandbox.sandbox import LuaError, Sandbox, chunkname
 
 # Privileged Lua (full standard library): the capabilities busted gets from the host.
 # getinfo returns plain data only, never functions, locals or upvalues.
@@ -107,7 +107,7 @@ def _new_spec_env(spec_path: Path) -> tuple[Sandbox, Any, Callable[[bytes, str, 
     load_fn(source, name, env) compiles source text as chunk `@name` bound to env.
     """
     sb = Sandbox(driver_root(spec_path), on_print=_print)
-    from . import testkit  # here, not at the top: testkit imports this module
+    from hubhost.testing import testkit  # here, not at the top: testkit imports this module
 
     testkit.install(sb, spec_path)   # `require "hubhost.test"`: the driver test kit
     env = sb.new_env()

@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
-from .runtime import DriverLoadError, DriverRuntime
-from .sandbox import LuaError, Sandbox, chunkname
+from hubhost.sandbox.runtime import DriverLoadError, DriverRuntime
+from hubhost.sandbox.sandbox import LuaError, Sandbox, chunkname
 
 
 class _NullPort:

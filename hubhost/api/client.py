@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import orjson
 
-from . import paths
+from hubhost import paths
 
 __all__ = ["ApiClient", "ApiError", "add_commands", "find_socket", "parse_assignment"]
 
@@ -47,7 +47,7 @@ class ApiClient:
             self.base = url.rstrip("/")
             connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
         else:
-            from .api import short_unix_path
+            from hubhost.api.server import short_unix_path
 
             path, self._fd = short_unix_path(Path(socket_path or find_socket()))
             self.base = "http://hubhost"
@@ -112,10 +112,10 @@ def find_socket(socket_arg: str | None = None, config_arg: str | None = None,
     """Where the hub's API socket is (see the module docstring for the order)."""
     if socket_arg:
         return Path(socket_arg)
-    from .api import default_socket_path
+    from hubhost.api.server import default_socket_path
 
     if config_arg:
-        from . import config as config_mod
+        from hubhost import config as config_mod
 
         cfg = config_mod.load(config_arg)
         if cfg.api.get("socket"):

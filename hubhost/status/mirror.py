@@ -64,7 +64,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from .status import StatusStore
+from hubhost.status.store import StatusStore
 
 try:  # redis-py >= 8 probes for "maintenance notifications" on connect; we don't need them
     from redis.maint_notifications import MaintNotificationsConfig
@@ -77,7 +77,7 @@ except ImportError:  # older redis-py: nothing to switch off
 
 __all__ = ["Keys", "RedisMirror"]
 
-_DEFAULT_LOGGER = logging.getLogger("hubhost.mirror")
+_DEFAULT_LOGGER = logging.getLogger("hubhost.status.mirror")
 
 
 class Keys:

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import lupa.luajit21 as lupa
 
-from .framing import FramingError, TokenizerError, make_framer
-from .requests import RequestQueue, Result
-from .runtime import DeviceInfo, DriverRuntime
-from .transports import SendBufferFull, Transport, TransportError, make_transport
+from hubhost.devices.framing import FramingError, TokenizerError, make_framer
+from hubhost.devices.requests import RequestQueue, Result
+from hubhost.sandbox.runtime import DeviceInfo, DriverRuntime
+from hubhost.devices.transports import SendBufferFull, Transport, TransportError, make_transport
 
 if TYPE_CHECKING:
-    from .actor import Actor
-    from .supervisor import DriverSlot, Supervisor
+    from hubhost.worker.actor import Actor
+    from hubhost.supervisor.supervisor import DriverSlot, Supervisor
 
 log = logging.getLogger("hubhost.device")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .sandbox import LuaError, Sandbox, chunkname, from_lua, to_lua
-from .status import StatusStore
+from hubhost.sandbox.sandbox import LuaError, Sandbox, chunkname, from_lua, to_lua
+from hubhost.status.store import StatusStore
 
 log = logging.getLogger("hubhost.driver")
 

@@ -27,11 +27,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .status import StatusStore
+from hubhost.status.store import StatusStore
 
 __all__ = ["Subscriptions", "Subscriber", "Callback", "LookupWatcher"]
 
-log = logging.getLogger("hubhost.subscriptions")
+log = logging.getLogger("hubhost.status.subscriptions")
 
 # callback(ref, json_text): called on the loop thread; must not block
 Callback = Callable[[int, str], None]

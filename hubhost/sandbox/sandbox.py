@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import lupa.luajit21 as lupa
 
-from . import paths
-from .luasource import rewrite_len as _rewrite_len
+from hubhost import paths
+from hubhost.sandbox.luasource import rewrite_len as _rewrite_len
 
 HERE = Path(__file__).resolve().parent
 LuaError = lupa.LuaError
@@ -92,9 +92,19 @@ def read_source(path: Path) -> bytes:
     return src
 
 
+PRIVATE_DIRS = (HERE, HERE.parent / "devices")   # hubhost's own privileged Lua files
+
+
+def _private_path(name: str) -> Path:
+    for folder in PRIVATE_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"hubhost's private Lua file {name} is missing")
+
+
 def _read_private(name: str) -> bytes:
     # privileged files run with the real globals, where `#` needs no rewrite
-    return trusted_bytecode(HERE / name, b"@hubhost/" + name.encode(), rewrite_len=False)
+    return trusted_bytecode(_private_path(name), b"@hubhost/" + name.encode(), rewrite_len=False)
 
 
 class Sandbox:
