@@ -192,7 +192,7 @@ async def baseline_app(sock_path: Path) -> tuple[Any, list[Any]]:
 
 async def start_hub(tmp: Path) -> Any:
     from hubhost import config as config_mod
-    from hubhost.supervisor.hub import install_parts
+    from hubhost.hub import install_parts
     from hubhost.supervisor.supervisor import Supervisor
 
     (tmp / "bench").mkdir(exist_ok=True)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import serial  # noqa: E402
 
 from hubhost import config as config_mod  # noqa: E402
-from hubhost.supervisor.hub import install_parts  # noqa: E402
+from hubhost.hub import install_parts  # noqa: E402
 from hubhost.supervisor.supervisor import Supervisor  # noqa: E402
 
 COUNTER = """

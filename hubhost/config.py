@@ -43,6 +43,12 @@ class DriverConfig:
     flush_interval: float = 10.0
     max_memory: int = 64 * 1024 * 1024
     cpu_limit: float = 1.0
+    group: str | None = None      # drivers of one group share a worker process (shared fate)
+
+    @property
+    def worker_name(self) -> str:
+        """The worker that runs this driver: its group, or a worker of its own."""
+        return f"group:{self.group}" if self.group else f"driver:{self.id}"
 
 
 @dataclass
@@ -236,7 +242,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
         k = f"drivers[{i}]"
         if not isinstance(d, dict):
             c.fail(k, "must be a table")
-        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit"}, k)
+        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group"}, k)
         did = c.ident(d, "id", f"{k}.id")
         if did in seen_drivers:
             c.fail(f"{k}.id", f"duplicate driver id {did!r}")
@@ -253,6 +259,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
             flush_interval=c.number(d, "flush_interval", f"{k}.flush_interval", cfg.flush_interval),
             max_memory=c.size(d, "max_memory", f"{k}.max_memory", 64 * 1024 * 1024),
             cpu_limit=c.number(d, "cpu_limit", f"{k}.cpu_limit", 1.0),
+            group=c.ident(d, "group", f"{k}.group") if "group" in d else None,
         )
         devs = c.typed(d, "devices", f"{k}.devices", (list,), "an array of tables ([[drivers.devices]])", [])
         for j, dev in enumerate(devs):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from hubhost import config as config_mod
-from hubhost.supervisor.hub import install_parts
+from hubhost.hub import install_parts
 from hubhost.supervisor.supervisor import Supervisor
 
 

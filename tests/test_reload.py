@@ -106,7 +106,7 @@ def test_reordered_displays_move_the_watcher_without_loss_or_repeat(tmp_path: Pa
     async def main() -> None:
         async with running_hub(cfg, tmp_path / "state") as (sup, cap):
             slot = sup.slots["displays"]
-            rt_before = slot.rt
+            gen_before = slot.generation
             got: list[str] = []
             async with unix_session(sup) as s, s.ws_connect("http://hub/api/v1/ws") as ws:
                 await ws.send_json({"id": 1, "type": "bind", "sys": "room", "mod": "Display", "index": 1,
@@ -143,7 +143,7 @@ def test_reordered_displays_move_the_watcher_without_loss_or_repeat(tmp_path: Pa
             assert parts[0][1][-1] >= a_before          # everything A said before the reload arrived
             assert got[-1] == final                     # and B's stream reached its last value
             # the driver was not restarted: same runtime, its timers kept counting throughout
-            assert slot.rt is rt_before and slot.restarts == 0
+            assert slot.generation == gen_before and slot.restarts == 0
             assert len(cap.lines("[displays] running")) == 1
             # the Lua subscriber followed the index too
             lua_seen = [line.rsplit(" ", 1)[1] for line in cap.lines("LUA-SEEN ")]
@@ -184,11 +184,12 @@ def test_added_removed_changed_drivers_and_devices(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with running_hub(cfg, tmp_path / "state") as (sup, cap):
-            rt_x, rt_y = sup.slots["x"].rt, sup.slots["y"].rt
+            gen_x, w_x = sup.slots["x"].generation, sup.slots["x"].worker
+            slot_y = sup.slots["y"]
             drivers_config(tmp_path, {"x": ["x1"], "y": ["y1", "y2"], "w": ["w1"]})
             await sup.reload()
-            assert sup.slots["x"].rt is rt_x                        # untouched
-            assert sup.slots["y"].rt is not rt_y and sup.slots["y"].state == "running"
+            assert sup.slots["x"].generation == gen_x and sup.slots["x"].worker is w_x   # untouched
+            assert sup.slots["y"] is not slot_y and sup.slots["y"].state == "running"
             assert "z" not in sup.slots and sup.slots["w"].state == "running"
             assert cap.lines("EV added y2") and cap.lines("EV added w1")
             assert cap.lines("EV shutdown") and not cap.lines("EV removed")
@@ -203,7 +204,7 @@ def test_added_removed_changed_drivers_and_devices(tmp_path: Path) -> None:
             drivers_config(tmp_path, {"x": ["x1"], "y": ["y2"], "w": ["w1"]})
             await sup.reload()
             await cap.wait_for("EV removed y1")
-            assert sup.slots["x"].rt is rt_x
+            assert sup.slots["x"].generation == gen_x and sup.slots["x"].worker is w_x
             async with unix_session(sup) as s:
                 async with s.get("http://hub/api/v1/devices") as r:
                     assert [d["id"] for d in await r.json()] == ["x1", "y2", "w1"]
@@ -217,7 +218,7 @@ def test_bad_config_on_reload_keeps_the_running_one(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with running_hub(cfg, tmp_path / "state") as (sup, cap):
-            rt = sup.slots["x"].rt
+            gen, w = sup.slots["x"].generation, sup.slots["x"].worker
             cfg.write_text(cfg.read_text() + "\n[[drivers]]\nid = \"x\"\npath = \"simple\"\n")
             async with unix_session(sup) as s:
                 async with s.post("http://hub/api/v1/reload") as r:
@@ -227,7 +228,7 @@ def test_bad_config_on_reload_keeps_the_running_one(tmp_path: Path) -> None:
             await sup.reload()      # the SIGHUP path logs it and carries on
             assert cap.lines("config reload refused, keeping the running config")
             assert not cap.lines("config reload failed")   # one clear line, no traceback
-            assert sup.slots["x"].rt is rt and await sup.functions.exec("x1", "id") == '"x1"'
+            assert (sup.slots["x"].generation, sup.slots["x"].worker) == (gen, w) and await sup.functions.exec("x1", "id") == '"x1"'
 
     run(main())
 

@@ -256,11 +256,14 @@ def test_lua_subscriptions_die_with_their_runtime(tmp_path: Path) -> None:
         async with running_hub(_hub(tmp_path), tmp_path / "state") as (sup, cap):
             assert sup.subscriptions.count() == 1
             slot = sup.slots["watcher"]
-            old_rt = slot.rt
+            old_gen = slot.generation
             slot.crash("test: simulated crash")
+            deadline = time.monotonic() + 2
+            while sup.subscriptions.count() != 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             assert sup.subscriptions.count() == 0
             deadline = time.monotonic() + 5
-            while (slot.state != "running" or slot.rt is old_rt) and time.monotonic() < deadline:
+            while (slot.state != "running" or slot.generation == old_gen) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert slot.state == "running"
             await asyncio.sleep(0.05)

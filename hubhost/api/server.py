@@ -582,7 +582,7 @@ _reload_locks: "weakref.WeakKeyDictionary[Any, asyncio.Lock]" = weakref.WeakKeyD
 async def reload_config(sup: Any) -> dict[str, list[str]]:
     """Re-read the hub's config file and apply it (SIGHUP, `hubhost reload`, POST /reload)."""
     from hubhost import config as config_mod
-    from hubhost.supervisor.hub import device_systems
+    from hubhost.hub import device_systems
 
     lock = _reload_locks.setdefault(sup, asyncio.Lock())
     async with lock:
@@ -635,11 +635,13 @@ def subs_owned(sup: Any) -> list[str]:
 
 def install(sup: Any) -> None:
     """Plug functions, subscriptions, the API server and config reload into `sup`."""
-    from hubhost.supervisor.hub import device_systems
+    from hubhost.hub import device_systems
 
     settings = ApiSettings.from_config(sup.config.api or {}, sup.state_dir)
     subs = Subscriptions(sup.status)
-    functions = FunctionHost(sup, subs, default_timeout=settings.exec_timeout,
+    from hubhost.supervisor.routing import RoutedFunctions
+
+    functions = RoutedFunctions(sup, subs, default_timeout=settings.exec_timeout,
                              driver_level=settings.driver_level, driver_levels=settings.driver_levels)
     functions.attach()
     subs.set_index(device_systems(sup.config))

@@ -18,7 +18,7 @@ log = logging.getLogger("hubhost")
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from hubhost import config as config_mod
-    from hubhost.supervisor.hub import run
+    from hubhost.hub import run
 
     if args.demo and args.config:
         print("hubhost run: give either --config or --demo, not both", file=sys.stderr)

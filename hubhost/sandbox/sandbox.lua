@@ -26,8 +26,15 @@ local floor, huge = math.floor, math.huge
 -- The monotonic clock, read through the FFI (privileged code only): the budget is armed for
 -- every event, and a call into Python for the time cost a lock round trip each time.
 local host_clock
+-- The deadline of the running handler, in a C double that the worker's heartbeat thread
+-- reads (hubhost/worker/main.py): the supervisor sees a handler stuck in C from outside.
+local busy_cell, busy_address = nil, 0
 do
   local ok, ffi = pcall(require, "ffi")
+  if ok then
+    busy_cell = ffi.new("double[1]")
+    busy_address = tonumber(ffi.cast("intptr_t", busy_cell))
+  end
   if ok and ffi.os == "Linux" then
     ffi.cdef [[
       typedef struct { long tv_sec; long tv_nsec; } hubhost_timespec;
@@ -47,6 +54,8 @@ local host_find_module = host.find_module
 local host_rewrite = host.rewrite
 
 local M = {}
+M.busy_address = busy_address
+M.busy_cell = busy_cell     -- kept referenced here: the heartbeat thread reads its address
 
 ---------------------------------------------------------------------------------------------
 -- The string metatable is shared by every string in the runtime: point it at a private,
@@ -84,10 +93,12 @@ sethook(cpu_hook, "", 20000)
 function M.arm(limit_seconds, label)
   abort_message = nil
   deadline = host_clock() + limit_seconds
+  if busy_cell then busy_cell[0] = deadline end
 end
 
 function M.disarm()
   deadline = nil
+  if busy_cell then busy_cell[0] = 0 end
   local m = abort_message
   abort_message = nil
   return m

@@ -61,3 +61,25 @@ def write_atomic(path: Path, data: bytes, *, backup: bool = False) -> None:
             pass
         raise
     fsync_dir(folder)
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of `path`, which must be a regular file: a FIFO, a device or a directory
+    under a state file's name is refused at once (OSError naming the file) instead of
+    hanging or reading without end."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        chunks = []
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            chunks.append(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -67,6 +67,11 @@ class StatusStore:
             return None
         return fields.get(name)
 
+    def field_count(self, device_id: str) -> int:
+        """How many fields one device has (the supervisor caps distinct fields per device)."""
+        fields = self._devices.get(device_id)
+        return len(fields) if fields else 0
+
     def device(self, device_id: str) -> dict[str, str]:
         """A copy of one device's fields (empty when the device has none)."""
         with self._lock:

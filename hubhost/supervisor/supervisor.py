@@ -1,9 +1,17 @@
-"""The asyncio supervisor: starts every driver in its own thread, routes timers and waits,
-isolates faults, restarts crashed drivers with backoff, and shuts down cleanly.
+"""The supervisor: runs every driver in a worker process and keeps what must outlive one.
 
-Life of a driver slot: start → running; an error in the entry chunk or an `init`/`added`
-handler, repeated limit faults, or a handler stuck past its limit → crash → restart after
-1 s, 2 s, 4 s ... 60 s. A handler error alone is logged and the driver goes on.
+The supervisor runs no driver Lua. It forks workers from the zygote (one per driver
+instance, or one per `group`), and owns the datastore files, the status truth, the Redis
+mirror, the API and readiness. Everything a worker sends is checked (workers.py and
+`WorkerHandle.handle`): status only for that worker's devices within size caps, snapshots
+parsed before they replace a file, log records escaped to one line.
+
+A worker that dies (segfault, SIGKILL, OOM kill), whose handler overruns its CPU limit by
+more than STUCK_GRACE (a C call no hook interrupts), that stops sending heartbeats, or whose
+private memory passes its allowance is killed; its drivers restart from their saved state
+after 1 s, 2 s, 4 s ... 60 s, like any crash. Crashes inside a worker (a failing entry chunk
+or init handler, repeated limit faults) restart that driver inside its worker with the
+same backoff (hubhost/worker/host.py).
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
+import re
 import signal
 import time
 from pathlib import Path
@@ -18,305 +28,482 @@ from typing import Any, Callable
 
 import orjson
 
-from hubhost.state import atomicfile
-
 from hubhost import paths
-from hubhost.worker.actor import Actor
 from hubhost.config import DriverConfig, HubConfig
-from hubhost.sandbox.runtime import DeviceInfo, DriverLoadError, DriverRuntime
+from hubhost.state import atomicfile
+from hubhost.state.datastore import StaleWriter, StoreFile
 from hubhost.status.store import StatusStore
+from hubhost.supervisor import workers
+from hubhost.worker.channel import AsyncChannel, ProtocolError
 
-log = logging.getLogger("hubhost.supervisor.supervisor")
+log = logging.getLogger("hubhost.supervisor")
 
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
-FAULT_WINDOW = 30.0      # seconds in which FAULT_LIMIT limit faults restart a driver
-FAULT_LIMIT = 5
 SHUTDOWN_HANDLERS_BUDGET = 5.0
-STUCK_GRACE = 0.5        # seconds past the CPU limit before a handler counts as stuck
+STUCK_GRACE = 0.5          # seconds past a handler's CPU deadline before its worker is killed
+HEARTBEAT_TIMEOUT = 2.0    # seconds without a heartbeat (beyond the CPU limit) = not answering
+WORKER_OVERHEAD = 48 << 20  # private bytes a worker may hold beyond its drivers' max_memory
+MAX_STATUS_VALUE = 64 << 10   # bytes of JSON text per status value
+MAX_STATUS_FIELDS = 256       # distinct status fields per device
+MAX_STATUS_NAME = 256
+MAX_LOG_LINE = 8 << 10        # characters per log record (longer ones are cut, with a marker)
+MAX_RESULT = 16 << 20         # bytes of JSON text per function result
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f\u2028\u2029]")
+
+
+def escape_line(text: str, cap: int = MAX_LOG_LINE) -> str:
+    """One line, printable: control characters (newlines, ANSI escapes, NUL ...) written as
+    escapes, so a driver cannot forge log lines or drive the terminal."""
+    if len(text) > cap:
+        text = text[:cap] + f"... [{len(text) - cap} more characters cut]"
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(_escape_char, text)
+    return text
+
+
+def _escape_char(m: re.Match) -> str:
+    c = m.group(0)
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
 
 
 class DriverSlot:
-    """One configured driver instance and its current runtime (the Port of that runtime)."""
+    """One configured driver instance, as the supervisor knows it (its runtime lives in a
+    worker; state, restarts and errors are reported by the worker or set on its death)."""
 
     def __init__(self, sup: "Supervisor", cfg: DriverConfig) -> None:
         self.sup = sup
         self.cfg = cfg
         self.id = cfg.id
         self.state = "stopped"        # starting | running | restarting | failed | stopped
-        self.rt: DriverRuntime | None = None
-        self.actor: Actor | None = None
-        self.timers: dict[int, asyncio.TimerHandle] = {}
-        self.waits: dict[int, asyncio.TimerHandle] = {}
-        self.backoff = BACKOFF_START
         self.restarts = 0
-        self.last_crash = 0.0
-        self.faults: list[float] = []
-        self.restart_handle: asyncio.TimerHandle | None = None
         self.last_error: str | None = None
+        self.failed_boot = False
+        self.name: str | None = None
+        self.memory = 0               # Lua bytes, as the worker last reported
+        self.generation = 0           # bumped whenever a new runtime of this driver starts
+        self.worker: "WorkerHandle | None" = None
         self.state_dir = paths.driver_state_dir(sup.state_dir, cfg.id)
-        self.failed_boot = False      # the last start attempt failed (entry chunk / init)
+        self._worker_restarts = 0     # restarts counted by worker deaths
+        self._inner_restarts = 0      # restarts the worker reported
+
+    def crash(self, reason: str) -> None:
+        """Crash this driver inside its worker (tests and operators): it restarts with backoff."""
+        if self.worker is not None:
+            self.worker.send(["crash", self.id, reason])
+
+    @property
+    def rt(self) -> Any:
+        """Kept for callers of the in-process days: the runtime now lives in a worker."""
+        return None
+
+
+class WorkerHandle:
+    """One worker process: its drivers, channel, heartbeat, and restart backoff."""
+
+    def __init__(self, sup: "Supervisor", name: str, slots: list[DriverSlot]) -> None:
+        self.sup = sup
+        self.name = name
+        self.slots = {s.id: s for s in slots}
+        self.devices = {d.id: s.id for s in slots for d in s.cfg.devices}
+        self.cpu_limit = max(s.cfg.cpu_limit for s in slots)
+        self.allowance = sum(s.cfg.max_memory for s in slots) + WORKER_OVERHEAD
+        self.backoff = BACKOFF_START
+        self.last_start = 0.0
+        self.incarnation = 0
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.ch: AsyncChannel | None = None
+        self.alive = False
+        self.started: asyncio.Future | None = None
+        self.stopped: asyncio.Future | None = None
+        self.death_reason: str | None = None
+        self.exit_code: asyncio.Future | None = None
+        self.last_hb = 0.0
+        self.overdue = -1.0
+        self.loop_lag = 0.0
+        self.private_bytes = 0
+        self.restart_handle: asyncio.TimerHandle | None = None
+        self.stopping = False
+        self.reader: asyncio.Task | None = None
+        self._queries: dict[int, asyncio.Future] = {}
+        self._qid = 0
+        self._refused: dict[str, float] = {}
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.sup.loop
 
-    # -- Port: called on the driver's thread ---------------------------------------------
-    def timer_start(self, rt: DriverRuntime, timer_id: int, seconds: float, periodic: bool) -> None:
-        self.loop.call_soon_threadsafe(self._timer_start, rt, timer_id, seconds, periodic)
+    def send(self, msg: list[Any], blob: bytes = b"") -> None:
+        if self.ch is not None and self.alive:
+            self.ch.send(msg, blob)
 
-    def timer_cancel(self, rt: DriverRuntime, timer_id: int) -> None:
-        self.loop.call_soon_threadsafe(self._timer_cancel, rt, timer_id)
-
-    def wait_timer(self, rt: DriverRuntime, token: int, seconds: float) -> None:
-        self.loop.call_soon_threadsafe(self._wait_start, rt, token, seconds)
-
-    def wait_host(self, rt: DriverRuntime, token: int, what: str, arg: Any) -> None:
-        handler = self.sup.wait_handlers.get(what)
-        if handler is None:
-            rt.resume(token, None, f"unknown host wait {what!r}".encode())
-            return
-        handler(self, rt, token, arg)
-
-    def handler_failed(self, rt: DriverRuntime, label: str, kind: str, message: str) -> None:
-        self.loop.call_soon_threadsafe(self._handler_failed, rt, label, kind, message)
-
-    # -- loop side -----------------------------------------------------------------------
-    def _current(self, rt: DriverRuntime) -> bool:
-        return rt is self.rt and self.state in ("starting", "running")
-
-    def _timer_start(self, rt: DriverRuntime, timer_id: int, seconds: float, periodic: bool) -> None:
-        if not self._current(rt):
-            return
-        start = self.loop.time()
-
-        def fire(n: int = 1) -> None:
-            if not self._current(rt) or self.actor is None:
-                return
-            self.actor.post(rt.fire_timer, timer_id)
-            if periodic:
-                # fixed rate: the n-th firing is due at start + n * seconds, no drift
-                due = start + (n + 1) * seconds
-                now = self.loop.time()
-                if due < now:  # the loop fell behind: skip missed beats instead of bursting
-                    skipped = int((now - due) // seconds) + 1
-                    n += skipped
-                    due = start + (n + 1) * seconds
-                self.timers[timer_id] = self.loop.call_at(due, fire, n + 1)
-            else:
-                self.timers.pop(timer_id, None)
-
-        self.timers[timer_id] = self.loop.call_at(start + seconds, fire)
-
-    def _timer_cancel(self, rt: DriverRuntime, timer_id: int) -> None:
-        h = self.timers.pop(timer_id, None)
-        if h:
-            h.cancel()
-
-    def _wait_start(self, rt: DriverRuntime, token: int, seconds: float) -> None:
-        if not self._current(rt):
-            return
-
-        def wake() -> None:
-            self.waits.pop(token, None)
-            if self._current(rt) and self.actor:
-                self.actor.post(rt.resume, token)
-
-        self.waits[token] = self.loop.call_later(seconds, wake)
-
-    def _handler_failed(self, rt: DriverRuntime, label: str, kind: str, message: str) -> None:
-        if rt is not self.rt:
-            return
-        self.last_error = f"{label}: {message}"
-        if label.startswith(("init ", "added ")):
-            self.crash(f"{label} handler failed: {message}")
-            return
-        if kind in ("cpu", "memory"):
-            now = time.monotonic()
-            self.faults = [t for t in self.faults if now - t < FAULT_WINDOW] + [now]
-            if len(self.faults) >= FAULT_LIMIT:
-                self.crash(f"{len(self.faults)} {kind} limit faults in {FAULT_WINDOW:g} s")
-        self.sup.after_handler_fault(self, rt)
-
-    # -- start / stop --------------------------------------------------------------------
-    async def start(self) -> bool:
-        """Start the driver; returns True if it is running."""
-        self.state = "starting"
+    # -- life cycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Fork the worker, hand it its drivers, wait until they all started (or failed)."""
         self.restart_handle = None
-        self.actor = Actor(self.id)
+        self.incarnation += 1
+        self.death_reason = None
+        self.last_start = time.monotonic()
+        for s in self.slots.values():
+            s.state = "starting"
+            s.worker = self
         try:
-            await self.actor.call(self.loop, self._boot)
-        except (DriverLoadError, OSError) as e:
-            self.failed_boot = True
-            self.crash(str(e))
-            return False
-        except Exception as e:  # noqa: BLE001 - any failure of a driver is contained
-            log.exception("[%s] failed to start", self.id)
-            self.failed_boot = True
-            self.crash(f"{type(e).__name__}: {e}")
-            return False
-        if self.state != "starting":
-            self.failed_boot = True   # an init handler failed during boot
-        if self.state == "starting":
-            self.failed_boot = False
-            self.state = "running"
-            log.info("[%s] running (%s, %d device%s)", self.id, self.rt.driver_name() if self.rt else "?",
-                     len(self.cfg.devices), "" if len(self.cfg.devices) == 1 else "s")
-            return True
-        return False
-
-    def _boot(self) -> None:
-        """On the driver's thread: build the runtime, load the entry chunk, start devices."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        rt = DriverRuntime(self.id, self.cfg.path, self, max_memory=self.cfg.max_memory,
-                           cpu_limit=self.cfg.cpu_limit, state_dir=self.state_dir,
-                           status=self.sup.status)
-        self.rt = rt
-        for hook in self.sup.runtime_hooks:
-            hook(self, rt)
-        rt.load()
-        known = self._known_devices()
-        configured = {d.id for d in self.cfg.devices}
-        for dev_id, info in known.items():
-            if dev_id not in configured:
-                rt.remove_device(DeviceInfo(id=dev_id, label=info.get("label", dev_id),
-                                            config=info.get("config", {})))
-        for dev in self.cfg.devices:
-            rt.start_device(dev, dev.id not in known)
-        self._save_known_devices(known)
-
-    def _known_devices(self) -> dict[str, dict[str, Any]]:
-        f = self.state_dir / "devices.json"
-        try:
-            data = orjson.loads(f.read_bytes())
-            return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
-        except (orjson.JSONDecodeError, OSError) as e:
-            log.error("[%s] %s is unreadable (%s); treating every device as new", self.id, f, e)
-            return {}
-
-    def _save_known_devices(self, known: dict[str, Any]) -> None:
-        data = {d.id: {"label": d.label, "config": d.config} for d in self.cfg.devices}
-        if data == known:
+            pid, sock = await self.sup.zygote.fork()
+        except Exception as e:  # noqa: BLE001 - the zygote failed: retry like a crash
+            self._died(f"could not start a worker: {e}")
             return
-        atomicfile.write_atomic(self.state_dir / "devices.json",
-                                orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
+        self.pid, self.pidfd = pid, workers.open_pidfd(pid)
+        self.exit_code = self.loop.create_future()
+        self.sup.by_pid[pid] = self
+        self.ch = await AsyncChannel.open(sock)
+        self.alive = True
+        self.last_hb = time.monotonic()
+        self.overdue = -1.0
+        self.started = self.loop.create_future()
+        self.stopped = self.loop.create_future()
+        self.ch.send(["init"], pickle.dumps(self.sup.worker_spec(self)))
+        self.reader = self.loop.create_task(self._read())
+        await asyncio.wait({self.started}, return_when=asyncio.FIRST_COMPLETED)
 
-    def _cancel_all(self) -> None:
-        for h in list(self.timers.values()) + list(self.waits.values()):
-            h.cancel()
-        self.timers.clear()
-        self.waits.clear()
+    async def _read(self) -> None:
+        assert self.ch is not None
+        violation = await workers.read_messages(self.ch, self.handle)
+        if violation is not None:
+            log.error("[%s] worker sent %s; killing it", self.name, violation)
+            self.kill(f"protocol violation: {violation}")
+        await self._reap()
 
-    def crash(self, reason: str, *, stuck: bool = False) -> None:
-        """Stop this runtime and schedule a restart with exponential backoff."""
-        if self.state in ("restarting", "stopped"):
+    def kill(self, reason: str) -> None:
+        if self.death_reason is None:
+            self.death_reason = reason
+        workers.kill(self.pid, self.pidfd)
+
+    async def _reap(self) -> None:
+        """The channel ended: the worker is gone (or going). Wait for its exit status."""
+        self.alive = False
+        if self.ch is not None:
+            self.ch.close()
+        workers.kill(self.pid, self.pidfd)   # a worker that closed its channel is done anyway
+        code = None
+        if self.exit_code is not None:
+            try:
+                code = await asyncio.wait_for(asyncio.shield(self.exit_code), 2.0)
+            except asyncio.TimeoutError:
+                code = None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.sup.by_pid.pop(self.pid or 0, None)
+        if self.stopping:
+            if self.stopped is not None and not self.stopped.done():
+                self.stopped.set_result([])
+            for s in self.slots.values():
+                s.state = "stopped"
+            self.sup.worker_gone(self, "stopped")
             return
-        log.error("[%s] driver crashed: %s; restarting in %g s", self.id, reason,
-                  0.0 if stuck else self.backoff)
-        self.last_error = reason
-        self._cancel_all()
-        rt, actor = self.rt, self.actor
-        if actor is not None:
-            if stuck:
-                actor.abandoned = True  # cannot be interrupted; let it finish on its own
-            else:
-                if rt is not None:
-                    self.sup.on_crash(self, rt, actor)
-                actor.stop()
-        self.rt, self.actor = None, None
-        self.state = "restarting"
+        reason = self.death_reason or f"the worker {workers.describe_exit(code)}"
+        self._died(reason)
+
+    def _died(self, reason: str) -> None:
+        self.alive = False
+        self.sup.worker_gone(self, "crashed")
         now = time.monotonic()
-        if now - self.last_crash > max(120.0, 2 * self.backoff):
+        if now - self.last_start > max(120.0, 2 * self.backoff):
             self.backoff = BACKOFF_START
-        if stuck:
-            delay = 0.0   # the stuck thread is given up, not the driver: back at once
-        else:
-            delay = self.backoff
-            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
-        self.last_crash = now
-        self.restarts += 1
-        self.faults.clear()
-        self.restart_handle = self.loop.call_later(delay, self._restart)
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        for s in self.slots.values():
+            s.state = "restarting"
+            s.failed_boot = s.failed_boot or not (self.started and self.started.done())
+            s.restarts += 1
+            s._worker_restarts += 1
+            s.last_error = reason
+            log.error("[%s] driver crashed: %s; restarting in %g s", s.id, reason, delay)
+        if self.started is not None and not self.started.done():
+            self.started.set_result(False)
+        if self.stopped is not None and not self.stopped.done():
+            self.stopped.set_result([])
+        if not self.sup.stopping:
+            self.restart_handle = self.loop.call_later(delay, self._restart)
 
     def _restart(self) -> None:
-        if self.state != "restarting" or self.sup.stopping:
+        if self.sup.stopping or self.stopping:
             return
         self.sup.spawn(self.start())
 
-    async def stop(self, deadline: float) -> None:
-        """Run the shutdown handler (bounded), let hooks flush, stop the thread."""
-        if self.restart_handle:
+    async def stop(self, deadline: float) -> list[str]:
+        """Ask the worker to run shutdown handlers and flush; kill it if it does not finish."""
+        self.stopping = True
+        if self.restart_handle is not None:
             self.restart_handle.cancel()
-        rt, actor = self.rt, self.actor
-        self._cancel_all()
-        if rt is not None and actor is not None and self.state in ("running", "starting"):
-            self.state = "stopping"
+        if not self.alive or self.stopped is None:
+            for s in self.slots.values():
+                s.state = "stopped"
+            return []
+        budget = max(0.1, deadline - self.loop.time())
+        self.send(["stop", budget])
+        try:
+            unflushed = await asyncio.wait_for(asyncio.shield(self.stopped), budget + 3.0)
+        except asyncio.TimeoutError:
+            log.error("[%s] worker did not stop in time; killing it (unsaved changes are lost)", self.name)
+            unflushed = list(self.slots)
+            self.kill("did not stop in time")
+        if self.reader is not None:
             try:
-                await asyncio.wait_for(actor.call(self.loop, rt.shutdown),
-                                       max(0.1, deadline - self.loop.time()))
+                await asyncio.wait_for(asyncio.shield(self.reader), 5.0)
             except asyncio.TimeoutError:
-                log.error("[%s] shutdown handler still running at the deadline", self.id)
-            await self.sup.on_stop(self, rt, actor)
-            actor.stop()
-        self.state = "stopped"
+                pass
+        for s in self.slots.values():
+            s.state = "stopped"
+        return list(unflushed or [])
+
+    # -- watching --------------------------------------------------------------------------
+    def check(self, now: float) -> None:
+        """Called every 0.1 s: kill a worker that overran its budget or stopped answering."""
+        if not self.alive or self.death_reason is not None:
+            return
+        if self.overdue > STUCK_GRACE:
+            self.kill(f"a handler ran {self.overdue + self.cpu_limit:.1f} s, past its CPU limit of "
+                      f"{self.cpu_limit:g} s, in code the CPU hook cannot interrupt")
+            log.error("[%s] %s; killing the worker", self.name, self.death_reason)
+        elif now - self.last_hb > self.cpu_limit + STUCK_GRACE + HEARTBEAT_TIMEOUT:
+            self.kill(f"the worker stopped answering for {now - self.last_hb:.1f} s")
+            log.error("[%s] %s; killing it", self.name, self.death_reason)
+
+    def check_memory(self) -> None:
+        if not self.alive or self.pid is None or self.death_reason is not None:
+            return
+        used = workers.private_memory(self.pid)
+        if used is None:
+            return
+        self.private_bytes = used
+        if used > self.allowance:
+            self.kill(f"the worker holds {used >> 20} MiB, over its allowance of "
+                      f"{self.allowance >> 20} MiB (max_memory + {WORKER_OVERHEAD >> 20} MiB)")
+            log.error("[%s] %s; killing it", self.name, self.death_reason)
+
+    async def query(self, what: str, *args: Any, timeout: float = 5.0) -> Any:
+        self._qid += 1
+        fut = self.loop.create_future()
+        self._queries[self._qid] = fut
+        self.send(["query", self._qid, what, *args])
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._queries.pop(self._qid, None)
+
+    # -- what the worker sends -----------------------------------------------------------
+    def handle(self, msg: list[Any], blob: bytes) -> None:
+        kind = msg[0]
+        h = _HANDLERS.get(kind)
+        if h is None:
+            raise ProtocolError(f"an unknown message kind {str(kind)[:40]!r}")
+        h(self, msg, blob)
+
+    def _slot(self, driver_id: Any) -> DriverSlot:
+        s = self.slots.get(driver_id) if isinstance(driver_id, str) else None
+        if s is None:
+            raise ProtocolError(f"a message about driver {str(driver_id)[:80]!r}, which is not this worker's")
+        return s
+
+    def _h_hb(self, msg: list[Any], blob: bytes) -> None:
+        self.last_hb = time.monotonic()
+        self.overdue = float(msg[1])
+        self.loop_lag = float(msg[2])
+
+    def _h_status(self, msg: list[Any], blob: bytes) -> None:
+        st = self.sup.status
+        for dev, name, value in msg[1]:
+            problem = self._status_problem(dev, name, value)
+            if problem is not None:
+                self._refuse(dev, name, problem)
+                continue
+            st.set(dev, name, value)
+
+    def _status_problem(self, dev: Any, name: Any, value: Any) -> str | None:
+        if not isinstance(dev, str) or dev not in self.devices:
+            return f"device {str(dev)[:80]!r} is not one of this worker's devices"
+        if not isinstance(name, str) or not name or len(name) > MAX_STATUS_NAME:
+            return f"a status name must be a string of 1 to {MAX_STATUS_NAME} characters"
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            return "a status value must be JSON text"
+        if len(value) > MAX_STATUS_VALUE:
+            return f"the value is {len(value)} bytes of JSON, over the limit of {MAX_STATUS_VALUE}"
+        try:
+            orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return "the value is not valid JSON text"
+        st = self.sup.status
+        if st.get(dev, name) is None and st.field_count(dev) >= MAX_STATUS_FIELDS:
+            return f"the device already has {MAX_STATUS_FIELDS} status fields (the limit)"
+        return None
+
+    def _refuse(self, dev: Any, name: Any, problem: str) -> None:
+        key = f"{str(dev)[:80]}/{str(name)[:80]}"
+        now = time.monotonic()
+        if now - self._refused.get(key, 0.0) > 60.0:
+            self._refused[key] = now
+            if len(self._refused) > 1000:
+                self._refused.clear()
+            log.warning("[%s] status %s refused: %s", self.name, escape_line(key, 200), problem)
+
+    def _h_log(self, msg: list[Any], blob: bytes) -> None:
+        level, name, text = int(msg[1]), str(msg[2]), str(msg[3])
+        level = min(max(level, logging.DEBUG - 5), logging.CRITICAL)
+        if not name.startswith("hubhost.") or len(name) > 80:
+            name = "hubhost.worker"
+        text = escape_line(text)
+        if text.startswith("["):
+            # a driver's line starts with its own [driver] or [driver/device]: only this
+            # worker's drivers may be named there
+            head = text[1:text.find("]")] if "]" in text else ""
+            if head.split("/", 1)[0] not in self.slots:
+                text = f"[{self.name}] {text}"
+        logging.getLogger(name).log(level, "%s", text)
+
+    def _h_state(self, msg: list[Any], blob: bytes) -> None:
+        s = self._slot(msg[1])
+        state = msg[2] if msg[2] in ("starting", "running", "restarting", "stopping", "stopped") else "failed"
+        restarts = int(msg[3])
+        if state == "starting" and s.state != "starting":
+            s.generation += 1
+        elif state == "starting" and restarts != s._inner_restarts:
+            s.generation += 1
+        s.state = state
+        s._inner_restarts = restarts
+        s.restarts = s._worker_restarts + restarts
+        s.last_error = escape_line(str(msg[4]), 2000) if msg[4] is not None else s.last_error
+        s.failed_boot = bool(msg[5])
+        s.name = escape_line(str(msg[6]), 200) if msg[6] is not None else s.name
+
+    def _h_started(self, msg: list[Any], blob: bytes) -> None:
+        if self.started is not None and not self.started.done():
+            self.started.set_result(True)
+
+    def _h_stopped(self, msg: list[Any], blob: bytes) -> None:
+        unflushed = [d for d in msg[1] if d in self.slots]
+        if self.stopped is not None and not self.stopped.done():
+            self.stopped.set_result(unflushed)
+
+    def _h_mem(self, msg: list[Any], blob: bytes) -> None:
+        for did, used in msg[1].items():
+            self._slot(did).memory = int(used)
+
+    def _h_known(self, msg: list[Any], blob: bytes) -> None:
+        self.sup.spawn(self.sup.save_known_devices(self._slot(msg[1])))
+
+    def _h_iface(self, msg: list[Any], blob: bytes) -> None:
+        s = self._slot(msg[1])
+        text = str(msg[2])
+        if len(text) > MAX_RESULT:
+            raise ProtocolError("an interface over the size limit")
+        timeouts = {str(k): float(v) for k, v in dict(msg[3]).items()}
+        fn = self.sup.functions
+        if fn is not None:
+            fn.set_interface(s, text, timeouts)
+
+    def _h_ds_load(self, msg: list[Any], blob: bytes) -> None:
+        rid, s = msg[1], self._slot(msg[2])
+        self.sup.spawn(self.sup.datastore_load(self, rid, s))
+
+    def _h_ds_write(self, msg: list[Any], blob: bytes) -> None:
+        rid, s, epoch, seq = msg[1], self._slot(msg[2]), int(msg[3]), int(msg[4])
+        self.sup.spawn(self.sup.datastore_write(self, rid, s, epoch, seq, blob))
+
+    def _h_ds_quarantine(self, msg: list[Any], blob: bytes) -> None:
+        rid, s = msg[1], self._slot(msg[2])
+        f = self.sup.store_file(s)
+        try:
+            moved = str(f._quarantine()) if f.path.exists() else ""
+        except OSError as e:
+            moved = f"(could not move it: {e})"
+        self.send(["reply", rid, moved])
+
+    def _h_call(self, msg: list[Any], blob: bytes) -> None:
+        ref, s, text = int(msg[1]), self._slot(msg[2]), str(msg[3])
+        if self.sup.functions is not None:
+            self.sup.spawn(self.sup.functions.lua_call(self, s, ref, text))
+
+    def _h_sub(self, msg: list[Any], blob: bytes) -> None:
+        s, ref = self._slot(msg[1]), int(msg[2])
+        place = (str(msg[3]), str(msg[4]), int(msg[5]), str(msg[6]))
+        if self.sup.functions is not None:
+            self.sup.functions.lua_subscribe(self, s, ref, place)
+
+    def _h_unsub(self, msg: list[Any], blob: bytes) -> None:
+        if self.sup.functions is not None:
+            self.sup.functions.lua_unsubscribe(self, int(msg[1]))
+
+    def _h_exec_done(self, msg: list[Any], blob: bytes) -> None:
+        if self.sup.functions is not None:
+            self.sup.functions.exec_done(self, msg)
+
+    def _h_answer(self, msg: list[Any], blob: bytes) -> None:
+        fut = self._queries.get(msg[1])
+        if fut is not None and not fut.done():
+            fut.set_result(msg[2])
+
+
+_HANDLERS: dict[str, Callable[[WorkerHandle, list[Any], bytes], None]] = {
+    name[3:]: fn for name, fn in vars(WorkerHandle).items() if name.startswith("_h_")
+}
 
 
 class Supervisor:
-    """Runs a hub: every configured driver, their timers, signals and shutdown."""
+    """Runs a hub: every configured driver in its worker, signals, readiness and shutdown."""
 
     def __init__(self, config: HubConfig, state_dir: Path) -> None:
         self.config = config
         self.state_dir = Path(state_dir)
         self.slots = {d.id: DriverSlot(self, d) for d in config.drivers}
+        self.workers: dict[str, WorkerHandle] = {}
+        self.by_pid: dict[int, WorkerHandle] = {}
         self.status = StatusStore()   # device status: the hub's source of truth
         self.mirror: Any = None       # the RedisMirror when [redis] is configured
+        self.functions: Any = None    # supervisor.routing.RoutedFunctions (the API part)
+        self.zygote = workers.Zygote()
+        self.zygote.on_exit = self._worker_exited
+        self.store_files: dict[str, StoreFile] = {}
+        self.unflushed: list[str] = []
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.stopping = False
         self._stop_event: asyncio.Event | None = None
+        self._started: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
-        # extension points for the other parts of the hub (datastore, status, transports)
-        self.runtime_hooks: list[Callable[[DriverSlot, DriverRuntime], None]] = []
-        self.wait_handlers: dict[str, Callable[[DriverSlot, DriverRuntime, int, Any], None]] = {}
-        self.crash_hooks: list[Callable[[DriverSlot, DriverRuntime, Actor], None]] = []
-        self.stop_hooks: list[Callable[[DriverSlot, DriverRuntime, Actor], Any]] = []
-        self.fault_hooks: list[Callable[[DriverSlot, DriverRuntime], None]] = []
+        self._writer = None
         self.ready_hooks: list[Callable[["Supervisor"], None]] = []
         self.pre_start_hooks: list[Callable[[], Any]] = []
         self.stopping_hooks: list[Callable[["Supervisor"], Any]] = []
-        # (before, after) pairs run around a config reload (SIGHUP)
         self.reload_hooks: list[tuple[Callable[["Supervisor"], Any], Callable[["Supervisor"], Any]]] = []
-        self.reloader: Callable[["Supervisor"], Any] | None = None  # set by the reload part
+        self.reloader: Callable[["Supervisor"], Any] | None = None
         self.notifier: Any = None
         self.shutdown_hooks: list[Callable[["Supervisor"], Any]] = []
+        self.gone_hooks: list[Callable[[WorkerHandle, str], None]] = []
+        self._group_workers()
+
+    def _group_workers(self) -> None:
+        groups: dict[str, list[DriverSlot]] = {}
+        for s in self.slots.values():
+            groups.setdefault(s.cfg.worker_name, []).append(s)
+        keep = {}
+        for name, slots in groups.items():
+            old = self.workers.get(name)
+            if old is not None and set(old.slots) == {s.id for s in slots} and all(
+                    old.slots[s.id] is s for s in slots):
+                keep[name] = old
+            else:
+                keep[name] = WorkerHandle(self, name, slots)
+        self.workers = keep
 
     def spawn(self, coro: Any) -> asyncio.Task:
         t = self.loop.create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
         return t
-
-    # hook fan-out
-    def on_crash(self, slot: DriverSlot, rt: DriverRuntime, actor: Actor) -> None:
-        for h in self.crash_hooks:
-            try:
-                h(slot, rt, actor)
-            except Exception:
-                log.exception("[%s] crash hook failed", slot.id)
-
-    async def on_stop(self, slot: DriverSlot, rt: DriverRuntime, actor: Actor) -> None:
-        for h in self.stop_hooks:
-            try:
-                r = h(slot, rt, actor)
-                if asyncio.iscoroutine(r):
-                    await r
-            except Exception:
-                log.exception("[%s] stop hook failed", slot.id)
-
-    def after_handler_fault(self, slot: DriverSlot, rt: DriverRuntime) -> None:
-        for h in self.fault_hooks:
-            h(slot, rt)
 
     def counts(self) -> dict[str, int]:
         c = {"running": 0, "failed": 0, "restarting": 0}
@@ -327,39 +514,149 @@ class Supervisor:
                 c["failed" if s.failed_boot else "restarting"] += 1
         return c
 
+    # -- what workers are given ------------------------------------------------------------
+    def worker_spec(self, w: WorkerHandle) -> dict[str, Any]:
+        api = self.config.api or {}
+        return {
+            "name": w.name,
+            "drivers": [s.cfg for s in w.slots.values()],
+            "known": {s.id: self._known_devices(s) for s in w.slots.values()},
+            "status": {dev: self.status.device(dev) for dev in w.devices},
+            "state_dir": str(self.state_dir),
+            "log_level": logging.getLogger().getEffectiveLevel(),
+            "api": {k: api.get(k) for k in ("exec_timeout", "driver_level", "driver_levels") if k in api},
+        }
+
+    def _known_devices(self, slot: DriverSlot) -> dict[str, Any]:
+        f = slot.state_dir / "devices.json"
+        try:
+            data = orjson.loads(atomicfile.read_regular(f))
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (orjson.JSONDecodeError, OSError) as e:
+            log.error("[%s] %s is unreadable (%s); treating every device as new", slot.id, f, e)
+            return {}
+
+    async def save_known_devices(self, slot: DriverSlot) -> None:
+        """devices.json: the devices of the config (never what a worker claims)."""
+        data = {d.id: {"label": d.label, "config": d.config} for d in slot.cfg.devices}
+        target = slot.state_dir / "devices.json"
+        try:
+            await asyncio.to_thread(atomicfile.write_atomic, target,
+                                    orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
+        except OSError as e:
+            log.error("[%s] cannot write %s: %s", slot.id, target, e)
+
+    # -- datastore files (the supervisor's; workers send snapshots) -----------------------
+    def store_file(self, slot: DriverSlot) -> StoreFile:
+        f = self.store_files.get(slot.id)
+        if f is None:
+            f = self.store_files[slot.id] = StoreFile(slot.state_dir, slot.id)
+        return f
+
+    async def datastore_load(self, w: WorkerHandle, rid: Any, slot: DriverSlot) -> None:
+        f = self.store_file(slot)
+
+        def load() -> tuple[int, bytes | None]:
+            slot.state_dir.mkdir(parents=True, exist_ok=True)
+            epoch = f.attach(timeout=0.0)
+            return epoch, f.load()
+
+        try:
+            epoch, raw = await asyncio.to_thread(load)
+        except OSError as e:
+            log.error("[%s] cannot read %s: %s; starting with an empty datastore", slot.id, f.path, e)
+            epoch, raw = f.epoch, None
+        w.send(["reply_blob", rid, epoch], raw or b"")
+
+    async def datastore_write(self, w: WorkerHandle, rid: Any, slot: DriverSlot, epoch: int, seq: int,
+                              blob: bytes) -> None:
+        from hubhost.state.datastore import check_text
+        f = self.store_file(slot)
+        problem = await asyncio.to_thread(check_text, blob)
+        if problem is not None:
+            log.error("[%s] refused a datastore snapshot from its worker: %s; the file is unchanged",
+                      slot.id, problem)
+            w.send(["reply", rid, None, f"snapshot refused: {problem}"])
+            return
+        try:
+            ok = await self.loop.run_in_executor(self._writer_pool(), f.write, epoch, seq, blob)
+        except StaleWriter as e:
+            w.send(["reply", rid, None, f"stale:{e}"])
+        except OSError as e:
+            w.send(["reply", rid, None, str(e)])
+        else:
+            w.send(["reply", rid, bool(ok), None])
+
+    def _writer_pool(self) -> Any:
+        if self._writer is None:
+            import concurrent.futures
+            self._writer = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datastore-writer")
+        return self._writer
+
+    # -- worker events ---------------------------------------------------------------------
+    def _worker_exited(self, pid: int, code: int) -> None:
+        w = self.by_pid.get(pid)
+        if w is not None and w.exit_code is not None and not w.exit_code.done():
+            w.exit_code.set_result(code)
+
+    def worker_gone(self, w: WorkerHandle, why: str) -> None:
+        for dev in w.devices:
+            if self.status.get(dev, "connected") == "true":
+                self.status.set(dev, "connected", "false")
+        for h in self.gone_hooks:
+            try:
+                h(w, why)
+            except Exception:
+                log.exception("[%s] worker-gone hook failed", w.name)
+        if self.functions is not None:
+            self.functions.worker_gone(w, why)
+
+    async def _watch(self) -> None:
+        n = 0
+        while not self.stopping:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            n += 1
+            for w in list(self.workers.values()):
+                w.check(now)
+                if n % 10 == 0:
+                    w.check_memory()
+
+    # -- start / stop ----------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._stop_event = asyncio.Event()
+        if self._stop_event is None:
+            self._stop_event = asyncio.Event()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for hook in self.pre_start_hooks:
             r = hook()
             if asyncio.iscoroutine(r):
                 await r
-        results = await asyncio.gather(*(s.start() for s in self.slots.values()))
-        log.info("hub %s started: %d of %d drivers running", self.config.hub_id, sum(results), len(results))
+        await self.zygote.start()
+        self.spawn(self._watch())
+        await asyncio.gather(*(w.start() for w in self.workers.values()))
+        running = sum(1 for s in self.slots.values() if s.state == "running")
+        log.info("hub %s started: %d of %d drivers running in %d worker%s", self.config.hub_id, running,
+                 len(self.slots), len(self.workers), "" if len(self.workers) == 1 else "s")
         for h in self.ready_hooks:
             h(self)
-        self.spawn(self._watch_stuck())
+        self._started_event().set()
 
-    async def _watch_stuck(self) -> None:
-        """A handler that runs past its CPU limit plus grace is stuck in code no hook can
-        interrupt: give up on that thread and bring the driver back from its saved state."""
-        while not self.stopping:
-            await asyncio.sleep(0.1)
-            for s in self.slots.values():
-                a = s.actor
-                if a is not None and s.state == "running" and a.busy_for() > s.cfg.cpu_limit + STUCK_GRACE:
-                    log.error("[%s] handler stuck for %.1f s (limit %g s) in code the CPU hook cannot "
-                              "interrupt; abandoning its thread and restarting from saved state",
-                              s.id, a.busy_for(), s.cfg.cpu_limit)
-                    s.crash("stuck handler", stuck=True)
+    def _started_event(self) -> asyncio.Event:
+        if self._started is None:
+            self._started = asyncio.Event()
+        return self._started
 
     def request_stop(self) -> None:
-        if self._stop_event is not None:
-            self._stop_event.set()
+        if self._stop_event is None:
+            self._stop_event = asyncio.Event()
+        self._stop_event.set()
 
     async def wait_stopped(self) -> None:
-        assert self._stop_event is not None
+        if self._stop_event is None:
+            self._stop_event = asyncio.Event()
         await self._stop_event.wait()
 
     async def stop(self) -> None:
@@ -369,7 +666,8 @@ class Supervisor:
         for h in self.stopping_hooks:
             h(self)
         deadline = self.loop.time() + SHUTDOWN_HANDLERS_BUDGET
-        await asyncio.gather(*(s.stop(deadline) for s in self.slots.values()))
+        results = await asyncio.gather(*(w.stop(deadline) for w in self.workers.values()))
+        self.unflushed = sorted({d for r in results for d in r})
         for h in self.shutdown_hooks:
             try:
                 r = h(self)
@@ -377,12 +675,19 @@ class Supervisor:
                     await r
             except Exception:
                 log.exception("shutdown hook failed")
+        await self.zygote.stop()
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.shutdown, True)
         for t in list(self._tasks):
-            t.cancel()
-
+            if t is not asyncio.current_task():
+                t.cancel()
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the config (the reload part does the work) with notifications."""
+        """SIGHUP: re-read the config (the reload part does the work) with notifications.
+        A reload asked for during start-up waits until every worker has started."""
+        await self._started_event().wait()
+        if self.stopping:
+            return
         for before, _ in self.reload_hooks:
             before(self)
         try:
@@ -398,37 +703,47 @@ class Supervisor:
             for _, after in self.reload_hooks:
                 after(self)
 
-
     async def apply_config(self, new: HubConfig) -> dict[str, list[str]]:
         """Make the running drivers match `new` (config reload). Removed drivers stop, new
-        ones start, drivers whose settings or devices changed restart; a driver whose
-        devices changed only in system/module/index keeps running untouched."""
+        ones start, drivers whose settings or devices changed restart (with every driver of
+        their worker, when grouped); a driver whose devices changed only in
+        system/module/index keeps running untouched."""
         report: dict[str, list[str]] = {"started": [], "stopped": [], "restarted": [], "kept": []}
         wanted = {d.id: d for d in new.drivers}
-        leaving = []
-        for did, slot in self.slots.items():
-            nd = wanted.get(did)
-            if nd is None or _needs_restart(slot.cfg, nd):
-                leaving.append(slot)
-                report["stopped" if nd is None else "restarted"].append(did)
+        changed = {did for did, slot in self.slots.items()
+                   if did not in wanted or _needs_restart(slot.cfg, wanted[did])}
+        new_groups: dict[str, set[str]] = {}
+        for d in new.drivers:
+            new_groups.setdefault(d.worker_name, set()).add(d.id)
+        leaving: list[WorkerHandle] = []
+        for name, w in self.workers.items():
+            if set(w.slots) & changed or new_groups.get(name) != set(w.slots):
+                leaving.append(w)
         deadline = self.loop.time() + SHUTDOWN_HANDLERS_BUDGET
-        await asyncio.gather(*(s.stop(deadline) for s in leaving))
+        await asyncio.gather(*(w.stop(deadline) for w in leaving))
+        leaving_ids = {did for w in leaving for did in w.slots}
         slots: dict[str, DriverSlot] = {}
-        starting: list[DriverSlot] = []
         for d in new.drivers:
             old = self.slots.get(d.id)
-            if old is not None and d.id not in report["restarted"]:
+            if old is not None and d.id not in leaving_ids:
                 old.cfg = d          # same devices: only their index entries may differ
                 slots[d.id] = old
                 report["kept"].append(d.id)
             else:
                 slots[d.id] = DriverSlot(self, d)
-                starting.append(slots[d.id])
                 if old is None:
                     report["started"].append(d.id)
+                else:
+                    report["restarted"].append(d.id)
+        report["stopped"] = [did for did in self.slots if did not in wanted]
         self.slots = slots
         self.config = new
-        await asyncio.gather(*(s.start() for s in starting))
+        before = set(self.workers.values())
+        self._group_workers()
+        starting = [w for w in self.workers.values() if w not in before]
+        if self.functions is not None:
+            self.functions.rebuild()
+        await asyncio.gather(*(w.start() for w in starting))
         return report
 
 
@@ -436,8 +751,8 @@ def _needs_restart(old: DriverConfig, new: DriverConfig) -> bool:
     """Anything but a device's system/module/index (or the order of devices) changed."""
     def devices(c: DriverConfig) -> dict[str, Any]:
         return {d.id: (d.label, d.config, d.transport, d.transport_settings) for d in c.devices}
-    return ((old.path, old.flush_interval, old.max_memory, old.cpu_limit, devices(old))
-            != (new.path, new.flush_interval, new.max_memory, new.cpu_limit, devices(new)))
+    return ((old.path, old.flush_interval, old.max_memory, old.cpu_limit, old.group, devices(old))
+            != (new.path, new.flush_interval, new.max_memory, new.cpu_limit, new.group, devices(new)))
 
 
 def _debug_stall(sup: Supervisor) -> None:
@@ -448,7 +763,8 @@ def _debug_stall(sup: Supervisor) -> None:
 
 
 async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Supervisor], Any] | None = None) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
+    """Run until SIGTERM/SIGINT; returns the exit code (1 when a shutdown could not save
+    every driver's datastore)."""
     sup = Supervisor(config, state_dir)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -460,17 +776,33 @@ async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Superv
         r = setup(sup)
         if asyncio.iscoroutine(r):
             await r
-    await sup.start()
-    await sup.wait_stopped()
-    log.info("stopping (signal received)")
+    sup.loop = loop
+    starting = loop.create_task(sup.start())
+    stop_wait = loop.create_task(sup.wait_stopped())
+    await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stopping during start-up (signal received)")
+    else:
+        exc = starting.exception()
+        if exc is not None:
+            stop_wait.cancel()
+            raise exc
+        await stop_wait
+        log.info("stopping (signal received)")
     try:
         await asyncio.wait_for(sup.stop(), 9.0)
     except asyncio.TimeoutError:
         log.error("shutdown did not finish within 9 s; exiting anyway")
+    if not starting.done():
+        starting.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
+    if sup.unflushed:
+        log.error("stopped, but the datastore of %s could not be saved: their last changes are lost",
+                  ", ".join(sup.unflushed))
+        return 1
     log.info("stopped")
     return 0
 
 
-__all__ = ["Supervisor", "DriverSlot", "run_hub"]
+__all__ = ["Supervisor", "DriverSlot", "WorkerHandle", "run_hub", "escape_line"]

@@ -1,83 +1,70 @@
-"""A thread per driver: the driver's Lua runs there, so a busy or stuck driver never stalls
-the event loop or the other drivers (lupa releases the GIL while Lua runs)."""
+"""The run queue of one driver inside its worker.
+
+Before the process boundary every driver had a thread of its own so that a driver stuck in C
+could not stall the hub. A worker process gives that guarantee from outside (the supervisor
+kills a worker whose handler overruns its budget), so inside the worker a driver's calls run
+on the worker's event loop thread, in order: no thread per driver, no cross-thread wake-up
+per event. The interface is the old actor's (`post`, `call`), so the device links and the
+datastore glue did not change.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
-import time
 from typing import Any, Callable
 
 log = logging.getLogger("hubhost.worker.actor")
-_STOP = object()
 
 
 class Actor:
-    """Runs posted calls one at a time, in order, on its own thread."""
+    """Runs posted calls one at a time, in order, on the worker's loop thread."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.busy_since: float | None = None  # monotonic start of the running call
-        self.busy_what: str = ""
-        self.abandoned = False
-        self._thread = threading.Thread(target=self._run, name=f"driver-{name}", daemon=True)
-        self._thread.start()
+        self.loop = loop
+        self._thread = threading.get_ident()   # the loop's thread: the worker's main thread
+        self.stopped = False
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._inbox.put((fn, args))
+        if threading.get_ident() == self._thread:
+            self.loop.call_soon(self._run, fn, args)
+        else:
+            self.loop.call_soon_threadsafe(self._run, fn, args)
 
-    def _run(self) -> None:
-        inbox = self._inbox
-        while True:
-            item = inbox.get()
-            if item is _STOP:
-                return
-            fn, args = item
-            self.busy_since = time.monotonic()
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("driver %s: unexpected error in %r", self.name, fn)
-            finally:
-                self.busy_since = None
-            if self.abandoned:
-                return
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        if self.stopped and fn != self._stop:
+            return
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("driver %s: unexpected error in %r", self.name, fn)
 
     def call(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
-        """Run fn(*args) on the actor's thread; the future resolves on `loop`."""
+        """Run fn(*args) after what is already queued; the future holds its result."""
         fut = loop.create_future()
 
         def run() -> None:
             try:
                 result = fn(*args)
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-                loop.call_soon_threadsafe(_set_exc, fut, e)
+                if not fut.done():
+                    fut.set_exception(e)
             else:
-                loop.call_soon_threadsafe(_set_result, fut, result)
+                if not fut.done():
+                    fut.set_result(result)
 
         self.post(run)
         return fut
 
     def stop(self) -> None:
-        self._inbox.put(_STOP)
+        """Calls posted after this are dropped (the runtime they were for is gone); calls
+        already queued still run, in order (a crash's final flush is one of them)."""
+        self.post(self._stop)
 
-    def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    def _stop(self) -> None:
+        self.stopped = True
 
     def busy_for(self) -> float:
-        b = self.busy_since
-        return time.monotonic() - b if b is not None else 0.0
-
-
-def _set_result(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exc(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+        return 0.0   # the supervisor watches handler deadlines from outside the worker

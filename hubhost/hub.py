@@ -31,16 +31,7 @@ def interface_json(sup: Supervisor, device_id: str) -> str:
     iface = functions.interface_of(device_id) if functions is not None else None
     if iface is not None:
         return iface.text
-    md: dict[str, Any] | None = None
-    for slot in sup.slots.values():
-        if any(d.id == device_id for d in slot.cfg.devices) and slot.rt is not None:
-            try:
-                md = slot.rt.metadata()
-            except Exception:  # noqa: BLE001 - metadata of a broken driver: publish the skeleton
-                md = None
     base = {"functions": {}, "implements": [], "requirements": {}, "security": {}}
-    if md:
-        base.update({k: v for k, v in md.items() if k in base})
     return orjson.dumps(base).decode()
 
 
@@ -115,10 +106,11 @@ def install_systemd(sup: Supervisor) -> None:
 
 
 def install_parts(sup: Supervisor) -> None:
-    """Plug the optional parts (datastore, status, mirror, transports, API) into `sup`."""
+    """Plug the supervisor's parts (mirror, systemd, functions and the API) into `sup`; the
+    datastore glue, transports and timers run inside the workers (hubhost/worker/)."""
     install_mirror(sup)
     install_systemd(sup)
-    for mod_name in ("hubhost.state.datastore", "hubhost.devices.devicelink", "hubhost.api.server"):
+    for mod_name in ("hubhost.api.server",):
         try:
             mod = __import__(mod_name, fromlist=["install"])
         except ImportError as e:

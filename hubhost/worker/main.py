@@ -1,0 +1,473 @@
+"""A worker process: the drivers of one worker (one instance, or one `group`).
+
+Forked from the zygote (zygote.py) with one end of a socketpair to the supervisor. The first
+message is `init` (the worker's drivers, their known devices, the status they had, the log
+level; pickled, since it comes from the trusted side). Then the worker runs its drivers on
+its own event loop: timers, transports, framing and every Lua handler stay here.
+
+What crosses to the supervisor (all framed by channel.py, batched per loop iteration):
+  status      [[device, name, json|null], ...]   the changes of one loop iteration
+  log         level, logger, text                one record (escaped again upstream)
+  state       driver, state, restarts, last_error, failed_boot, name
+  iface       driver, interface json, timeouts   after the entry chunk built the driver
+  known       driver, {device: {label, config}}  devices.json is the supervisor's to write
+  ds_load / ds_write / ds_quarantine             the datastore file (blob = JSON snapshot)
+  call / sub / unsub                             the driver calls or watches another device
+  exec_done, answer                              replies
+  hb          overdue, loop_lag                  from the heartbeat thread, every 0.1 s
+  mem         {driver: lua bytes}                once a second
+and from it: exec, call_done, deliver, stop, crash, query, and replies to ds_*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import itertools
+import logging
+import os
+import pickle
+import socket
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from hubhost.functions import ExecError, FunctionHost, Interface
+from hubhost.sandbox.runtime import DriverRuntime
+from hubhost.state.datastore import DatastoreService, StaleWriter
+from hubhost.status.store import StatusStore
+from hubhost.status.subscriptions import Subscriptions
+from hubhost.worker.channel import SyncChannel, pack
+from hubhost.worker.host import DriverSlot, WorkerHost
+
+log = logging.getLogger("hubhost.worker")
+
+HEARTBEAT = 0.1          # seconds between heartbeats
+REQUEST_TIMEOUT = 60.0   # a blocking request to the supervisor (datastore load or write)
+
+
+class Upstream:
+    """The worker's sending side: batches what the loop thread sends, one write per loop
+    iteration; other threads (heartbeat, datastore writers) send at once."""
+
+    def __init__(self, ch: SyncChannel, loop: asyncio.AbstractEventLoop) -> None:
+        self.ch = ch
+        self.loop = loop
+        self.loop_thread = threading.get_ident()
+        self._out: list[bytes] = []
+        self._status: list[list[Any]] = []
+        self._scheduled = False
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, concurrent.futures.Future] = {}
+        self._wlock = threading.Lock()
+
+    def send(self, msg: list[Any], blob: bytes = b"") -> None:
+        if threading.get_ident() != self.loop_thread:
+            self.loop.call_soon_threadsafe(self.send, msg, blob)
+            return
+        if self._status:
+            self._out.append(pack(["status", self._status]))
+            self._status = []
+        self._out.append(pack(msg, blob))
+        self._schedule()
+
+    def status(self, device_id: str, name: str, value: str | None) -> None:
+        """StatusStore listener (loop thread): one batch per loop iteration."""
+        self._status.append([device_id, name, value])
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._status:
+            self._out.append(pack(["status", self._status]))
+            self._status = []
+        if self._out:
+            data, self._out = b"".join(self._out), []
+            try:
+                self.ch.send_raw(data)
+            except OSError:
+                os._exit(0)   # the supervisor is gone: nothing of ours can be saved any more
+
+    def request(self, msg: list[Any], blob: bytes = b"") -> Any:
+        """Send a request and block for its reply (any thread; never waits forever)."""
+        rid = next(self._ids)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._waiting[rid] = fut
+        if threading.get_ident() == self.loop_thread:
+            self.flush()   # keep order with what the loop already sent
+        try:
+            self.ch.send([msg[0], rid, *msg[1:]], blob)
+        except OSError:
+            os._exit(0)
+        try:
+            return fut.result(REQUEST_TIMEOUT)
+        finally:
+            self._waiting.pop(rid, None)
+
+    def reply(self, rid: Any, value: Any) -> bool:
+        """Reader thread: a reply to request(); False if it is not one."""
+        fut = self._waiting.get(rid) if isinstance(rid, int) else None
+        if fut is None:
+            return False
+        fut.set_result(value)
+        return True
+
+    # -- what the worker host reports ---------------------------------------------------
+    def driver_state(self, slot: DriverSlot) -> None:
+        name = None
+        if slot.rt is not None:
+            try:
+                name = slot.rt.driver_name()
+            except Exception:  # noqa: BLE001 - a name the driver made unreadable
+                name = None
+        self.send(["state", slot.id, slot.state, slot.restarts, slot.last_error, slot.failed_boot, name])
+
+    def known_devices(self, driver_id: str, data: dict[str, Any]) -> None:
+        self.send(["known", driver_id, data])
+
+
+class RemoteStoreFile:
+    """A driver's datastore file as the worker sees it: the supervisor owns the file (load,
+    quarantine, ordered atomic writes); this forwards and keeps the retry backoff."""
+
+    def __init__(self, up: Upstream, driver_id: str, folder: Path) -> None:
+        self.up = up
+        self.driver_id = driver_id
+        self.folder = folder
+        self.path = folder / "datastore.json"
+        self.failing = False
+        self.retry_delay = 1.0
+        self.next_retry = 0.0
+        self._raw: bytes | None = None
+
+    def announce(self) -> None: ...
+    def release(self) -> None: ...
+
+    def attach(self, timeout: float = 0.0) -> int:
+        epoch, raw = self.up.request(["ds_load", self.driver_id])
+        self._raw = raw
+        return int(epoch)
+
+    def load(self) -> bytes | None:
+        raw, self._raw = self._raw, None
+        return raw
+
+    def _quarantine(self) -> Path:
+        return Path(self.up.request(["ds_quarantine", self.driver_id]))
+
+    def write(self, epoch: int, seq: int, data: bytes) -> bool:
+        ok, err = self.up.request(["ds_write", self.driver_id, epoch, seq], bytes(data))
+        if ok is None:
+            if err.startswith("stale:"):
+                raise StaleWriter(err[6:])
+            self._failed()
+            raise OSError(err)
+        self.failing = False
+        self.retry_delay = 1.0
+        return bool(ok)
+
+    def _failed(self) -> None:
+        if self.failing:
+            self.retry_delay = min(self.retry_delay * 2, 60.0)
+        self.failing = True
+        self.next_retry = time.monotonic() + self.retry_delay
+
+    def retry_due(self, now: float | None = None) -> bool:
+        return not self.failing or (now if now is not None else time.monotonic()) >= self.next_retry
+
+
+class WorkerDatastore(DatastoreService):
+    """The datastore glue of the worker: snapshots are made here, files written upstream."""
+
+    def __init__(self, host: WorkerHost, up: Upstream) -> None:
+        self.up = up
+        self.unflushed: list[str] = []
+        super().__init__(host)  # type: ignore[arg-type]
+
+    def file_for(self, slot: Any) -> Any:
+        f = self.files.get(slot.id)
+        if f is None:
+            f = self.files[slot.id] = RemoteStoreFile(self.up, slot.id, slot.state_dir)
+        return f
+
+    async def _on_stop(self, slot: Any, rt: Any, actor: Any) -> None:
+        b = self._current(slot, rt)
+        if b is None:
+            return
+        try:
+            b.flush_now()
+        except (OSError, StaleWriter) as e:
+            log.error("[%s] datastore not flushed at shutdown: %s", slot.id, e)
+            self.unflushed.append(slot.id)
+
+
+class WorkerFunctions(FunctionHost):
+    """Functions inside the worker: exec of this worker's devices runs here; calls to other
+    drivers and subscriptions go to the supervisor, which knows every device and system."""
+
+    def __init__(self, host: WorkerHost, up: Upstream, **kw: Any) -> None:
+        super().__init__(host, Subscriptions(host.status), **kw)
+        self.up = up
+        self._calls: dict[int, tuple[Any, DriverRuntime, int]] = {}
+        self._sub_refs: dict[int, tuple[Any, DriverRuntime, str]] = {}
+        self._refs = itertools.count(1)
+
+    def _publish_interface(self, slot: Any, iface: Interface) -> None:
+        self.up.send(["iface", slot.id, iface.text, iface_timeouts(iface)])
+
+    def _wait_call(self, slot: Any, rt: DriverRuntime, token: int, arg: Any) -> None:
+        ref = next(self._refs)
+        self._calls[ref] = (slot, rt, token)
+        self.up.send(["call", ref, slot.id, bytes(arg).decode("utf-8", "replace")])
+
+    def call_done(self, ref: int, ok: bool, value: Any) -> None:
+        entry = self._calls.pop(ref, None)
+        if entry is None:
+            return
+        slot, rt, token = entry
+        if slot.rt is rt and slot.actor is not None:
+            from hubhost.functions import _resume_lua
+            slot.actor.post(_resume_lua, rt, token, bool(ok), value)
+
+    def _fn_subscribe(self, slot: Any, rt: DriverRuntime, system: bytes, module: bytes, index: Any,
+                      status: bytes) -> int:
+        ref = next(self._refs)
+        place = (system.decode(), module.decode(), int(index), status.decode())
+        label = f"subscription {place[1]}/{place[2]}.{place[3]} in {place[0]}"
+        self._sub_refs[ref] = (slot, rt, label)
+        self.up.send(["sub", slot.id, ref, *place])
+        return ref
+
+    def _fn_unsubscribe(self, rt: DriverRuntime, ref: int) -> None:
+        if self._sub_refs.pop(ref, None) is not None:
+            self.up.send(["unsub", ref])
+
+    def deliver(self, ref: int, text: str) -> None:
+        entry = self._sub_refs.get(ref)
+        if entry is None:
+            return
+        slot, rt, label = entry
+        if slot.rt is rt and slot.actor is not None:
+            slot.actor.post(self._deliver_on_driver, rt, label, ref, text)
+
+    def _forget(self, rt: DriverRuntime, why: str) -> None:
+        super()._forget(rt, why)
+        for ref, (_slot, r, _label) in list(self._sub_refs.items()):
+            if r is rt:
+                del self._sub_refs[ref]
+                self.up.send(["unsub", ref])
+        for ref, (_slot, r, _tok) in list(self._calls.items()):
+            if r is rt:
+                del self._calls[ref]
+
+    def lua_subscription_count(self) -> int:
+        return len(self._sub_refs)
+
+
+def iface_timeouts(iface: Interface) -> dict[str, float]:
+    return {name: fn.timeout for name, fn in iface.functions.items() if fn.timeout}
+
+
+class UpstreamLogHandler(logging.Handler):
+    """Every log record of the worker goes to the supervisor, which escapes and writes it."""
+
+    def __init__(self, up: Upstream) -> None:
+        super().__init__(logging.NOTSET)
+        self.up = up
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + logging.Formatter().formatException(record.exc_info)
+            self.up.send(["log", record.levelno, record.name, msg])
+        except Exception:  # noqa: BLE001 - logging must never raise into a handler
+            pass
+
+
+class Worker:
+    def __init__(self, ch: SyncChannel, spec: dict[str, Any]) -> None:
+        self.ch = ch
+        self.spec = spec
+        self.loop = asyncio.get_running_loop()
+        self.up = Upstream(ch, self.loop)
+        self.status = StatusStore()
+        for dev, fields in spec.get("status", {}).items():
+            for name, text in fields.items():
+                self.status.set(dev, name, text)
+        self.status.add_listener(self.up.status)
+        self.host = WorkerHost(spec["drivers"], spec.get("known", {}), Path(spec["state_dir"]),
+                               self.status, self.up, self.loop)
+        self.cells: dict[str, tuple[ctypes.c_double, DriverRuntime]] = {}
+        self.tick = time.monotonic()
+        self.done = asyncio.Event()
+        self._queries = {"link": self._q_link}
+
+    def install(self) -> None:
+        host = self.host
+        host.runtime_hooks.append(self._watch_runtime)
+        self.datastore = WorkerDatastore(host, self.up)
+        from hubhost.devices import devicelink
+        self.links = devicelink.install(host)  # type: ignore[arg-type]
+        api = self.spec.get("api", {})
+        self.functions = WorkerFunctions(host, self.up, default_timeout=api.get("exec_timeout", 10.0),
+                                         driver_level=api.get("driver_level", "support"),
+                                         driver_levels=api.get("driver_levels") or {})
+        self.functions.attach()
+        host.functions = self.functions  # type: ignore[attr-defined]
+
+    def _watch_runtime(self, slot: DriverSlot, rt: DriverRuntime) -> None:
+        addr = int(rt.sandbox.sb.busy_address or 0)
+        if addr:
+            self.cells[slot.id] = (ctypes.c_double.from_address(addr), rt)
+
+    # -- heartbeat (own thread) ----------------------------------------------------------
+    def heartbeat(self) -> None:
+        while not self.done.is_set():
+            now = time.monotonic()
+            overdue = -1.0
+            for cell, _rt in list(self.cells.values()):
+                d = cell.value
+                if d > 0:
+                    overdue = max(overdue, now - d)
+            try:
+                self.ch.send(["hb", round(overdue, 4), round(now - self.tick, 4)])
+            except OSError:
+                os._exit(0)
+            time.sleep(HEARTBEAT)
+
+    async def _ticker(self) -> None:
+        n = 0
+        while True:
+            self.tick = time.monotonic()
+            await asyncio.sleep(HEARTBEAT)
+            n += 1
+            if n % 10 == 0:
+                mem = {}
+                for sid, slot in self.host.slots.items():
+                    if slot.rt is not None:
+                        mem[sid] = slot.rt.memory_used()
+                self.up.send(["mem", mem])
+
+    # -- reader (own thread) -------------------------------------------------------------
+    def reader(self) -> None:
+        while True:
+            try:
+                got = self.ch.recv()
+            except Exception:  # noqa: BLE001 - a broken pipe or frame: the supervisor is gone
+                got = None
+            if got is None:
+                os._exit(0)
+            msg, blob = got
+            kind = msg[0]
+            if kind == "reply" and self.up.reply(msg[1], msg[2:] if len(msg) > 3 else msg[2]):
+                continue
+            if kind == "reply_blob" and self.up.reply(msg[1], (msg[2], blob or None)):
+                continue
+            self.loop.call_soon_threadsafe(self.dispatch, msg)
+
+    def dispatch(self, msg: list[Any]) -> None:
+        kind = msg[0]
+        if kind == "exec":
+            self.host.spawn(self._exec(*msg[1:]))
+        elif kind == "call_done":
+            self.functions.call_done(msg[1], msg[2], msg[3])
+        elif kind == "deliver":
+            self.functions.deliver(msg[1], msg[2])
+        elif kind == "stop":
+            self.host.spawn(self._stop(float(msg[1])))
+        elif kind == "crash":
+            slot = self.host.slots.get(msg[1])
+            if slot is not None:
+                slot.crash(msg[2])
+        elif kind == "query":
+            fn = self._queries.get(msg[2])
+            try:
+                result = fn(*msg[3:]) if fn else None
+            except Exception as e:  # noqa: BLE001
+                result = {"error": str(e)}
+            self.up.send(["answer", msg[1], result])
+        elif kind == "log_level":
+            logging.getLogger().setLevel(int(msg[1]))
+
+    def _q_link(self, driver_id: str, device_id: str) -> dict[str, Any] | None:
+        link = self.links.link(driver_id, device_id)
+        if link is None:
+            return None
+        return {"buffered": link.framer.buffered, "backlog": link.backlog,
+                "dropped_frames": link.framer.dropped_frames, "paused": bool(link._paused)}
+
+    async def _exec(self, cid: int, device: str, function: str, args: Any, level: str,
+                    timeout: float) -> None:
+        try:
+            text = await self.functions.exec(device, function, args, level=level, timeout=timeout)
+        except ExecError as e:
+            self.up.send(["exec_done", cid, False, e.code, e.message])
+        except Exception as e:  # noqa: BLE001 - reported, never fatal to the worker
+            self.up.send(["exec_done", cid, False, "driver_error", f"{type(e).__name__}: {e}"])
+        else:
+            self.up.send(["exec_done", cid, True, text])
+
+    async def _stop(self, budget: float) -> None:
+        try:
+            await self.host.stop(budget)
+        finally:
+            self.up.send(["stopped", self.datastore.unflushed])
+            self.up.flush()
+            self.done.set()
+
+    async def main(self) -> int:
+        self.install()
+        threading.Thread(target=self.reader, name="worker-reader", daemon=True).start()
+        threading.Thread(target=self.heartbeat, name="worker-heartbeat", daemon=True).start()
+        ticker = self.loop.create_task(self._ticker())
+        await self.host.start()
+        self.up.send(["started"])
+        await self.done.wait()
+        ticker.cancel()
+        return 0
+
+
+def run_worker(fd: int) -> int:
+    """The child side of a zygote fork: read `init`, run the drivers until `stop`."""
+    sock = socket.socket(fileno=fd)
+    ch = SyncChannel(sock)
+    first = ch.recv()
+    if first is None or first[0][0] != "init":
+        return 2
+    spec = pickle.loads(first[1])
+    os.environ.pop("NOTIFY_SOCKET", None)   # readiness is the supervisor's to report
+    try:
+        os.setpgid(0, 0)   # a Ctrl-C on the terminal reaches the supervisor only
+    except OSError:
+        pass
+    name = spec.get("name", "worker")
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(f"hubhost {name}"[:15])
+    except OSError:
+        pass
+
+    async def amain() -> int:
+        w = Worker(ch, spec)
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        root.addHandler(UpstreamLogHandler(w.up))
+        root.setLevel(int(spec.get("log_level", logging.INFO)))
+        return await w.main()
+
+    return asyncio.run(amain())
+
+
+__all__ = ["run_worker", "Worker", "Upstream", "RemoteStoreFile"]
