@@ -56,7 +56,7 @@ def test_periodic_flush_writes_a_dirty_store_and_never_a_clean_one(tmp_path: Pat
     async def main() -> tuple[int, int, object]:
         async with Hub(cfg, tmp_path / "state") as hub:
             await until(lambda: (hub.stored("drv") or {}).get("count") == 100)
-            f = hub.service.files["drv"]
+            f = hub.sup.store_files["drv"]
             await asyncio.sleep(0.3)          # let the last write finish its bookkeeping
             settled = f.writes
             await asyncio.sleep(0.6)          # four more flush intervals, nothing changed
@@ -416,7 +416,7 @@ cfg = hub_config(tmp, [{"id": "drv", "path": str(drv), "flush_interval": 0.05}])
 async def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     async with Hub(cfg, tmp / "state") as hub:
-        f = hub.service.files["drv"]
+        f = hub.sup.store_files["drv"]
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
         await until(lambda: f.failures >= 3)
         intact = "big" not in json.loads(f.path.read_bytes())

@@ -68,6 +68,13 @@ def _escape_char(m: re.Match) -> str:
     return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
 
 
+def worker_log_level() -> int:
+    """The lowest level any of the supervisor's loggers for worker records would write: the
+    worker does not send what would be dropped here anyway."""
+    names = ("hubhost", "hubhost.driver", "hubhost.device", "hubhost.worker", "hubhost.functions")
+    return min(logging.getLogger(n).getEffectiveLevel() for n in names)
+
+
 class DriverSlot:
     """One configured driver instance, as the supervisor knows it (its runtime lives in a
     worker; state, restarts and errors are reported by the worker or set on its death)."""
@@ -523,7 +530,7 @@ class Supervisor:
             "known": {s.id: self._known_devices(s) for s in w.slots.values()},
             "status": {dev: self.status.device(dev) for dev in w.devices},
             "state_dir": str(self.state_dir),
-            "log_level": logging.getLogger().getEffectiveLevel(),
+            "log_level": worker_log_level(),
             "api": {k: api.get(k) for k in ("exec_timeout", "driver_level", "driver_levels") if k in api},
         }
 

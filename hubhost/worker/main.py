@@ -454,7 +454,7 @@ def run_worker(fd: int) -> int:
     name = spec.get("name", "worker")
     try:
         with open("/proc/self/comm", "w") as f:
-            f.write(f"hubhost {name}"[:15])
+            f.write("hh-" + name.split(":", 1)[-1][:12])   # ps/top show which worker is which
     except OSError:
         pass
 

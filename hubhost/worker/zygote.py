@@ -153,6 +153,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ctl = socket.socket(fileno=0)
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write("hh-zygote")
+    except OSError:
+        pass
     preload()
     _send(ctl, ["ready", os.getpid()])
     serve(ctl)

@@ -124,14 +124,13 @@ def hub_config(tmp: Path, drivers: list[dict[str, Any]], **top: Any) -> Any:
 
 
 class Hub:
-    """A Supervisor with only the datastore part, on the running asyncio loop."""
+    """A Supervisor without the API or the mirror, on the running asyncio loop (its drivers'
+    datastores live in their workers; the files are the supervisor's: `sup.store_files`)."""
 
     def __init__(self, cfg: Any, state: Path) -> None:
-        from hubhost.state import datastore
         from hubhost.supervisor.supervisor import Supervisor
 
         self.sup = Supervisor(cfg, state)
-        self.service = datastore.install(self.sup)
 
     async def __aenter__(self) -> "Hub":
         await self.sup.start()
