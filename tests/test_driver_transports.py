@@ -629,23 +629,23 @@ def test_oversized_frame_flood_is_bounded_and_warned_once_per_burst(tmp_path: Pa
         try:
             async with running_hub(cfg, tmp_path / "state") as (sup, cap):
                 await until(lambda: sup.status.get("dev", "connected") == "true", "connected")
-                link = sup.devicelinks.link("drv", "dev")
                 peak = 0
                 for _ in range(64):                               # 4 MiB without a delimiter
                     await peer.send(b"x" * 65536)
-                    await asyncio.sleep(0)
-                    peak = max(peak, link.framer.buffered, link.backlog)
+                    link = await sup.link_stats("drv", "dev")
+                    peak = max(peak, link["buffered"], link["backlog"])
                 await peer.send(b"\nok1\n")
                 await cap.wait_for("RECV 3 ok1")
                 await peer.send(b"".join(b"y" * 5000 + b"\n" for _ in range(50)) + b"ok2\n")
                 await cap.wait_for("RECV 3 ok2")
-                peak = max(peak, link.framer.buffered)
+                link = await sup.link_stats("drv", "dev")
+                peak = max(peak, link["buffered"])
                 assert peak <= 1024 + 2 * 65536, peak             # bounded by max_frame + a read
                 warnings = cap.lines("oversized frame")
                 assert len(warnings) == 2, warnings               # one per burst
                 assert "[drv/dev]" in warnings[0] and "max_frame 1024" in warnings[0]
                 assert [ln.split("RECV ")[1] for ln in cap.lines("RECV")] == ["3 ok1", "3 ok2"]
-                assert link.framer.dropped_frames == 51
+                assert link["dropped_frames"] == 51
         finally:
             await peer.stop()
 
@@ -821,11 +821,8 @@ SLOW = """
 
 
 def test_a_slow_driver_pushes_back_on_a_fast_device_instead_of_dropping(tmp_path: Path, monkeypatch) -> None:
-    from hubhost.devices import devicelink
-
-    monkeypatch.setattr(devicelink, "PAUSE_AT", 32 << 10)
-    monkeypatch.setattr(devicelink, "RESUME_AT", 8 << 10)
-    monkeypatch.setattr(devicelink, "MAX_BACKLOG", 256 << 10)
+    # small limits for the workers of this test's hub (devicelink reads them at start)
+    monkeypatch.setenv("HUBHOST_LINK_LIMITS", f"{32 << 10},{8 << 10},{256 << 10}")
     write_driver(tmp_path, "slow", SLOW)
     total = 20000
 
@@ -836,12 +833,12 @@ def test_a_slow_driver_pushes_back_on_a_fast_device_instead_of_dropping(tmp_path
         try:
             async with running_hub(cfg, tmp_path / "state") as (sup, cap):
                 await until(lambda: sup.status.get("dev", "connected") == "true", "connected")
-                link = sup.devicelinks.link("drv", "dev")
                 peak, paused = 0, False
                 sender = asyncio.ensure_future(peer.send(b"".join(b"f%08d\n" % i for i in range(total))))
                 while sup.status.get("dev", "count") != str(total):
-                    peak = max(peak, link.backlog)
-                    paused = paused or link._paused
+                    link = await sup.link_stats("drv", "dev")
+                    peak = max(peak, link["backlog"])
+                    paused = paused or link["paused"]
                     await asyncio.sleep(0.001)
                 await sender
                 # pushed back, never dropped: at most the limit plus one read (256 KiB of data)

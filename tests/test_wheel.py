@@ -20,7 +20,7 @@ def test_wheel_installs_and_runs_the_demo(tmp_path: Path) -> None:
                    check=True, capture_output=True, timeout=300)
     wheel = next(dist.glob("hubhost-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "hubhost/_lua/driver_helper.lua" in names and "hubhost/sandbox.lua" in names
+    assert "hubhost/_lua/driver_helper.lua" in names and "hubhost/sandbox/sandbox.lua" in names and "hubhost/devices/devicelink.lua" in names
     assert "hubhost/_drivers/demo.toml" in names
 
     venv = tmp_path / "venv"

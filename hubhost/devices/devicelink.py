@@ -47,6 +47,19 @@ log = logging.getLogger("hubhost.device")
 PAUSE_AT = 1 << 20
 RESUME_AT = 256 << 10
 MAX_BACKLOG = 8 << 20
+
+
+def _tuned_limits() -> None:
+    """HUBHOST_LINK_LIMITS="pause,resume,max" (bytes) sets the receive backlog limits of
+    every worker started after it is set (tests and benchmarks use small ones)."""
+    global PAUSE_AT, RESUME_AT, MAX_BACKLOG
+    import os
+    raw = os.environ.get("HUBHOST_LINK_LIMITS")
+    if raw:
+        PAUSE_AT, RESUME_AT, MAX_BACKLOG = (int(x) for x in raw.split(","))
+
+
+_tuned_limits()
 FRAME_COST = 64
 LUA_BATCH = 256         # frames per call into Lua (varargs stay well under LuaJIT's limits)
 

@@ -43,6 +43,8 @@ BACKOFF_MAX = 60.0
 SHUTDOWN_HANDLERS_BUDGET = 5.0
 STUCK_GRACE = 0.5          # seconds past a handler's CPU deadline before its worker is killed
 HEARTBEAT_TIMEOUT = 2.0    # seconds without a heartbeat (beyond the CPU limit) = not answering
+LOOP_STALL_LIMIT = 5.0     # seconds (beyond the CPU limit) a worker's event loop may be blocked
+                           # outside any handler (host code on a driver's value) before it dies
 WORKER_OVERHEAD = 48 << 20  # private bytes a worker may hold beyond its drivers' max_memory
 MAX_STATUS_VALUE = 64 << 10   # bytes of JSON text per status value
 MAX_STATUS_FIELDS = 256       # distinct status fields per device
@@ -275,6 +277,9 @@ class WorkerHandle:
             self.kill(f"a handler ran {self.overdue + self.cpu_limit:.1f} s, past its CPU limit of "
                       f"{self.cpu_limit:g} s, in code the CPU hook cannot interrupt")
             log.error("[%s] %s; killing the worker", self.name, self.death_reason)
+        elif self.loop_lag > self.cpu_limit + LOOP_STALL_LIMIT:
+            self.kill(f"the worker's event loop was blocked for {self.loop_lag:.1f} s outside any handler")
+            log.error("[%s] %s; killing it", self.name, self.death_reason)
         elif now - self.last_hb > self.cpu_limit + STUCK_GRACE + HEARTBEAT_TIMEOUT:
             self.kill(f"the worker stopped answering for {now - self.last_hb:.1f} s")
             log.error("[%s] %s; killing it", self.name, self.death_reason)
@@ -520,6 +525,11 @@ class Supervisor:
             elif s.state == "restarting":
                 c["failed" if s.failed_boot else "restarting"] += 1
         return c
+
+    async def link_stats(self, driver_id: str, device_id: str) -> dict[str, Any] | None:
+        """A device link's buffers, as its worker sees them (diagnostics and tests)."""
+        w = self.slots[driver_id].worker
+        return await w.query("link", driver_id, device_id) if w is not None else None
 
     # -- what workers are given ------------------------------------------------------------
     def worker_spec(self, w: WorkerHandle) -> dict[str, Any]:

@@ -291,6 +291,8 @@ class UpstreamLogHandler(logging.Handler):
             if record.exc_info:
                 msg += "\n" + logging.Formatter().formatException(record.exc_info)
             self.up.send(["log", record.levelno, record.name, msg])
+            if threading.get_ident() == self.up.loop_thread:
+                self.up.flush()   # at once: the last line before a hang or a crash is not lost
         except Exception:  # noqa: BLE001 - logging must never raise into a handler
             pass
 
@@ -318,6 +320,7 @@ class Worker:
         host.runtime_hooks.append(self._watch_runtime)
         self.datastore = WorkerDatastore(host, self.up)
         from hubhost.devices import devicelink
+        devicelink._tuned_limits()   # the zygote imported it before this worker's environment
         self.links = devicelink.install(host)  # type: ignore[arg-type]
         api = self.spec.get("api", {})
         self.functions = WorkerFunctions(host, self.up, default_timeout=api.get("exec_timeout", 10.0),
