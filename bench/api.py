@@ -1,11 +1,12 @@
 """API benchmarks (issue 7). RESULT lines (DESIGN section 7): ratio = ours / baseline.
 
 - exec: round trip of `POST /api/v1/exec` over the hub's Unix socket to a trivial Lua
-  function (validation, the hop to the driver's thread, a handler coroutine, the JSON
-  result back), p50 and p99, against a bare aiohttp handler on the same kind of socket
+  function (validation, the hop to the driver's worker process, a handler coroutine, the
+  JSON result back), p50 and p99, against a bare aiohttp handler on the same kind of socket
   that reads the body and returns a constant. Target: p50 ratio <= 2.
-- exec_vs_thread_hop: ours against an aiohttp handler that makes only the round trip to a
-  bare driver thread (actor.py) that every exec needs by design: our cost beyond the hop.
+- exec_vs_process_hop: ours against an aiohttp handler that makes only the round trip to a
+  bare echo process over a socketpair (the process boundary every exec crosses by design):
+  our cost beyond the hop.
 - fanout: one status change delivered to 100 WebSocket subscribers (indirect
   subscriptions through the system index), time from the change until the last client
   has it, against a bare aiohttp server sending one message to the same 100 sockets.
@@ -154,10 +155,19 @@ async def client_fanout(ours_path: str, base_path: str, rounds: int) -> None:
 
 # -- servers ------------------------------------------------------------------------------
 
+ECHO_CHILD = """
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+f = s.makefile("rb")
+while True:
+    head = f.read(4)
+    if len(head) < 4:
+        break
+    s.sendall(head + f.read(int.from_bytes(head, "big")))
+"""
+
 async def baseline_app(sock_path: Path) -> tuple[Any, list[Any]]:
     from aiohttp import web
-
-    from hubhost.worker.actor import Actor
 
     wss: list[Any] = []
 
@@ -165,11 +175,20 @@ async def baseline_app(sock_path: Path) -> tuple[Any, list[Any]]:
         await request.read()
         return web.Response(body=b'{"result":1}', content_type="application/json")
 
-    hop = Actor("bench-hop")   # a bare driver thread: the hop every exec makes, and nothing else
+    # a bare process hop: a child that echoes each length-prefixed message, and nothing else
+    ours_end, child_end = socket.socketpair()
+    echo = subprocess.Popen([sys.executable, "-c", ECHO_CHILD, str(child_end.fileno())],
+                            pass_fds=[child_end.fileno()])
+    child_end.close()
+    hop_reader, hop_writer = await asyncio.open_unix_connection(sock=ours_end)
+    hop_lock = asyncio.Lock()
 
     async def exec_hop_handler(request: web.Request) -> web.Response:
         await request.read()
-        body = await hop.call(asyncio.get_running_loop(), bytes, b'{"result":1}')
+        async with hop_lock:
+            hop_writer.write(b"\x00\x00\x00\x0c" + b'{"result":1}')
+            n = int.from_bytes(await hop_reader.readexactly(4), "big")
+            body = await hop_reader.readexactly(n)
         return web.Response(body=body, content_type="application/json")
 
     async def ws_handler(request: web.Request) -> web.WebSocketResponse:
@@ -221,7 +240,7 @@ async def bench_exec(sup: Any, base_sock: Path, n: int) -> None:
     result("exec", ours, base)
     # the same, against a handler that only makes the round trip to a driver-like thread
     # that every exec needs (DESIGN section 2: a thread per driver): what is left is ours
-    result("exec_vs_thread_hop", ours, hop)
+    result("exec_vs_process_hop", ours, hop)
 
 
 async def bench_fanout(sup: Any, base_sock: Path, wss: list[Any], rounds: int) -> None:

@@ -185,38 +185,39 @@ def test_attack_is_contained(tmp_path: Path, name: str) -> None:
 SAVER = """
 local driver_helper = require "driver_helper"
 local log = require "log"
-local driver = driver_helper.init {{ name = "{name}" }}
+local dev
+local driver = driver_helper.init {{ name = "{name}", lifecycle = {{ init = function(d, device) dev = device end }} }}
 driver.datastore.boots = (driver.datastore.boots or 0) + 1
 driver.datastore:save()
 log.info("BOOT {name} " .. driver.datastore.boots)
 local n = 0
-driver:call_on_schedule(0.1, function(d) n = n + 1 log.info("BEAT {name} " .. n) end, "beat")
+driver:call_on_schedule(0.1, function(d)
+  n = n + 1
+  log.info("BEAT {name} " .. n)
+  if dev then dev.status.beat = n end
+end, "beat")
 return driver
 """
 
 
-def _pair_config(tmp_path: Path, group: str | None = None) -> Path:
+def _pair_config(tmp_path: Path, group: str | None = None, redis: str | None = None) -> Path:
     for name in ("a", "b", "c"):
         write_driver(tmp_path, name, SAVER.format(name=name))
     g = f'group = "{group}"\n' if group else ""
-    return write_config(tmp_path / "hub.toml", f"""
-[[drivers]]
-id = "a"
-path = "a"
-{g}
-[[drivers]]
-id = "b"
-path = "b"
-{g}
-[[drivers]]
-id = "c"
-path = "c"
-""")
+    text = ""
+    for name in "abc":
+        text += f'[[drivers]]\nid = "{name}"\npath = "{name}"\n{g if name != "c" else ""}'
+        text += f'[[drivers.devices]]\nid = "{name}1"\n'
+    if redis:
+        text += f'[redis]\nurl = "{redis}"\n'
+    return write_config(tmp_path / "hub.toml", text)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
-def test_a_killed_worker_comes_back_with_its_saved_state(tmp_path: Path, sig: signal.Signals) -> None:
-    hub = HubProcess(_pair_config(tmp_path), tmp_path / "state")
+def test_a_killed_worker_comes_back_with_its_saved_state(tmp_path: Path, sig: signal.Signals,
+                                                         redis_server) -> None:
+    hub = HubProcess(_pair_config(tmp_path, redis=redis_server.url), tmp_path / "state")
+    r = redis_server.client()
     try:
         hub.wait_api()
         for name in "abc":
@@ -225,6 +226,11 @@ def test_a_killed_worker_comes_back_with_its_saved_state(tmp_path: Path, sig: si
         victim = next(p for p in hub.workers() if open(f"/proc/{p}/comm").read().strip() == "hh-a")
         t_kill = time.monotonic()
         os.kill(victim, sig)
+        # the mirror keeps following the others' status while a's worker is down
+        b0 = int(r.hget("status/b1", "beat") or 0)
+        time.sleep(0.5)
+        assert int(r.hget("status/b1", "beat") or 0) > b0
+        assert hub.api("GET", "/api/v1/health")[0] == 200
         back = hub.wait_for("BOOT a 2", timeout=2.0 + 1.0 + 2.0)[0][0]
         assert back - t_kill < 2.0 + 1.0 + 1.0                 # within 2 s plus the 1 s backoff
         hub.wait_for("BEAT a 1", count=2)
@@ -235,7 +241,11 @@ def test_a_killed_worker_comes_back_with_its_saved_state(tmp_path: Path, sig: si
             gaps = hub.gaps(f"BEAT {other} ", since=t_kill - 0.5)
             assert max(gaps) <= 0.35, f"{other}'s timer gapped {max(gaps):.2f} s"
         assert hub.api("GET", "/api/v1/health")[0] == 200
-        assert hub.api("GET", "/api/v1/devices")[0] == 200
+        status, doc = hub.api("GET", "/api/v1/devices/a1/status")
+        assert status == 200 and doc["beat"] >= 1
+        a0 = int(r.hget("status/a1", "beat") or 0)
+        time.sleep(0.5)
+        assert int(r.hget("status/a1", "beat") or 0) > a0   # a is mirrored again
     finally:
         code, took = hub.stop()
     assert code == 0 and took < 10.0

@@ -393,6 +393,8 @@ class Worker:
             slot = self.host.slots.get(msg[1])
             if slot is not None:
                 slot.crash(msg[2])
+        elif kind == "query" and msg[2] == "dispatch":
+            self._q_dispatch(msg[1], *msg[3:])
         elif kind == "query":
             fn = self._queries.get(msg[2])
             try:
@@ -409,6 +411,18 @@ class Worker:
             return None
         return {"buffered": link.framer.buffered, "backlog": link.backlog,
                 "dropped_frames": link.framer.dropped_frames, "paused": bool(link._paused)}
+
+    def _q_dispatch(self, qid: int, driver_id: str, handler: str, n: int) -> None:
+        """Benchmark probe (bench/runtime.py): run n events into a handler of the driver the
+        way the device links do (batches through its run queue); answers when done."""
+        slot = self.host.slots[driver_id]
+        rt, actor = slot.rt, slot.actor
+        fn = rt.R.driver()[handler.encode()]
+        t0 = time.perf_counter()
+        batch = 256
+        for start in range(0, n, batch):
+            actor.post(rt.dispatch_batch, b"bench", fn, min(batch, n - start))
+        actor.post(lambda: self.up.send(["answer", qid, time.perf_counter() - t0]))
 
     async def _exec(self, cid: int, device: str, function: str, args: Any, level: str,
                     timeout: float) -> None:
