@@ -636,9 +636,9 @@ class Supervisor:
             await asyncio.sleep(0.1)
             now = time.monotonic()
             n += 1
-            for w in list(self.workers.values()):
+            for i, w in enumerate(list(self.workers.values())):
                 w.check(now)
-                if n % 10 == 0:
+                if i % 10 == n % 10:      # each worker's memory once a second, spread out
                     w.check_memory()
 
     # -- start / stop ----------------------------------------------------------------------

@@ -211,13 +211,12 @@ class DriverSlot:
         """Stop this runtime and schedule a restart with exponential backoff."""
         if self.state in ("restarting", "stopped"):
             return
-        log.error("[%s] driver crashed: %s; restarting in %g s", self.id, reason, self.backoff)
         self.last_error = reason
         self._cancel_all()
         rt, actor = self.rt, self.actor
         if actor is not None:
             if rt is not None:
-                self.sup.on_crash(self, rt, actor)
+                self.sup.on_crash(self, rt, actor)   # e.g. connected = false, before the line below
             actor.stop()
         self.rt, self.actor = None, None
         self.state = "restarting"
@@ -229,6 +228,7 @@ class DriverSlot:
         self.last_crash = now
         self.restarts += 1
         self.faults.clear()
+        log.error("[%s] driver crashed: %s; restarting in %g s", self.id, reason, delay)
         self.restart_handle = self.loop.call_later(delay, self._restart)
         self.sup.report(self)
 
