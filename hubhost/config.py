@@ -61,6 +61,8 @@ class HubConfig:
     drivers: list[DriverConfig] = field(default_factory=list)
     api: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    # resident anonymous memory a worker may hold beyond its drivers' max_memory
+    worker_overhead: int = 64 * 1024 * 1024
 
 
 class _Checker:
@@ -207,13 +209,15 @@ def load(path: str | Path) -> HubConfig:
 def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = None) -> HubConfig:
     c = _Checker(source)
     base = base or Path.cwd()
-    c.unknown(raw, {"hub_id", "state_dir", "flush_interval", "log_level", "redis", "drivers", "api"}, "")
+    c.unknown(raw, {"hub_id", "state_dir", "flush_interval", "log_level", "redis", "drivers", "api",
+                    "worker_overhead"}, "")
     cfg = HubConfig(source=Path(source) if source != "<config>" else None)
     if "hub_id" in raw:
         cfg.hub_id = c.ident(raw, "hub_id", "hub_id")
     sd = c.typed(raw, "state_dir", "state_dir", (str,), "a path")
     cfg.state_dir = str((base / sd).resolve()) if sd else None
     cfg.flush_interval = c.number(raw, "flush_interval", "flush_interval", 10.0)
+    cfg.worker_overhead = c.size(raw, "worker_overhead", "worker_overhead", 64 * 1024 * 1024)
     level = c.typed(raw, "log_level", "log_level", (str,), "a string", "info")
     if level.lower() not in LOG_LEVELS:
         c.fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")

@@ -45,7 +45,8 @@ STUCK_GRACE = 0.5          # seconds past a handler's CPU deadline before its wo
 HEARTBEAT_TIMEOUT = 2.0    # seconds without a heartbeat (beyond the CPU limit) = not answering
 LOOP_STALL_LIMIT = 5.0     # seconds (beyond the CPU limit) a worker's event loop may be blocked
                            # outside any handler (host code on a driver's value) before it dies
-WORKER_OVERHEAD = 48 << 20  # private bytes a worker may hold beyond its drivers' max_memory
+WORKER_OVERHEAD = 64 << 20  # resident anonymous bytes a worker may hold beyond its drivers'
+                            # max_memory (Python, the loop, buffers; an idle worker holds ~20 MiB)
 MAX_STATUS_VALUE = 64 << 10   # bytes of JSON text per status value
 MAX_STATUS_FIELDS = 256       # distinct status fields per device
 MAX_STATUS_NAME = 256
@@ -117,7 +118,8 @@ class WorkerHandle:
         self.slots = {s.id: s for s in slots}
         self.devices = {d.id: s.id for s in slots for d in s.cfg.devices}
         self.cpu_limit = max(s.cfg.cpu_limit for s in slots)
-        self.allowance = sum(s.cfg.max_memory for s in slots) + WORKER_OVERHEAD
+        self.overhead = getattr(sup.config, "worker_overhead", WORKER_OVERHEAD)
+        self.allowance = sum(s.cfg.max_memory for s in slots) + self.overhead
         self.backoff = BACKOFF_START
         self.last_start = 0.0
         self.incarnation = 0
@@ -287,13 +289,13 @@ class WorkerHandle:
     def check_memory(self) -> None:
         if not self.alive or self.pid is None or self.death_reason is not None:
             return
-        used = workers.private_memory(self.pid)
+        used = workers.anon_memory(self.pid)
         if used is None:
             return
         self.private_bytes = used
         if used > self.allowance:
             self.kill(f"the worker holds {used >> 20} MiB, over its allowance of "
-                      f"{self.allowance >> 20} MiB (max_memory + {WORKER_OVERHEAD >> 20} MiB)")
+                      f"{self.allowance >> 20} MiB (max_memory + worker_overhead {self.overhead >> 20} MiB)")
             log.error("[%s] %s; killing it", self.name, self.death_reason)
 
     async def query(self, what: str, *args: Any, timeout: float = 5.0) -> Any:
