@@ -259,9 +259,12 @@ local function security_lists(d)
   return lists
 end
 
---- Interface JSON text (functions and params in a stable order) and a JSON object of
--- per-function timeouts (host-only information).
-function M.metadata_json(driver)
+-- driver -> { interface, timeouts, metadata } computed by caps.prepare_driver at load, under
+-- the CPU budget: the host asks for them later with no budget armed, and they are built
+-- from driver tables (implements, requirements, defaults) that may carry metamethods.
+local prepared = setmetatable({}, { __mode = "k" })
+
+local function metadata_json(driver)
   local d = description(driver)
   local parts = {}
   for _, name in ipairs(d.names) do
@@ -301,8 +304,29 @@ function M.metadata_json(driver)
   return interface, "{" .. tconcat(timeouts, ",") .. "}"
 end
 
+--- Interface JSON text (functions and params in a stable order) and a JSON object of
+-- per-function timeouts (host-only information).
+function M.metadata_json(driver)
+  local p = prepared[driver]
+  if p then
+    if p.err then error(p.err, 0) end
+    return p.interface, p.timeouts
+  end
+  return metadata_json(driver)
+end
+
+local build_metadata
 local prev_metadata = caps.metadata
 function caps.metadata(driver)
+  local p = prepared[driver]
+  if p then
+    if p.err then error(p.err, 0) end
+    return p.metadata
+  end
+  return build_metadata(driver)
+end
+
+function build_metadata(driver)
   local base = prev_metadata and prev_metadata(driver) or {}
   local d = description(driver)
   local fns = {}
@@ -318,6 +342,21 @@ function caps.metadata(driver)
   base.requirements = driver.requirements or {}
   base.security = security_lists(d)
   return base
+end
+
+-- Called by runtime.lua right after the entry chunk, still under its CPU budget. A driver
+-- whose interface cannot be built loads anyway; asking for its interface raises the error.
+local prev_prepare = caps.prepare_driver
+function caps.prepare_driver(driver)
+  if prev_prepare then prev_prepare(driver) end
+  local ok, interface, timeouts = pcall(metadata_json, driver)
+  local ok2, md = pcall(build_metadata, driver)
+  if ok and ok2 then
+    prepared[driver] = { interface = interface, timeouts = timeouts, metadata = md }
+  else
+    local e = ok and md or interface
+    prepared[driver] = { err = type(e) == "string" and e or "the driver's interface cannot be built" }
+  end
 end
 
 ---------------------------------------------------------------------------------------------

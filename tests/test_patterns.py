@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lupa.luajit21 import LuaRuntime
 
-PATTERNS_LUA = Path(__file__).resolve().parent.parent / "hubhost" / "patterns.lua"
+PATTERNS_LUA = Path(__file__).resolve().parent.parent / "hubhost" / "sandbox" / "patterns.lua"
 
 # Threshold overrides (second vararg of the chunk). "lua": no C call is ever cheap enough, so
 # everything runs the Lua matcher (plain finds scan one-position windows). "windows": small
