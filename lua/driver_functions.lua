@@ -19,6 +19,7 @@ local str_format, str_find, str_match = string.format, string.find, string.match
 local tconcat, tsort = table.concat, table.sort
 
 local json = require "hubhost.json"
+local error_text = caps.sandbox.error_text
 
 local M = {}
 
@@ -161,6 +162,12 @@ local function check_string_list(what, v, level)
   end
 end
 
+local function copy_list(v)
+  local c = {}
+  for i = 1, #v do c[i] = v[i] end
+  return c
+end
+
 -- Normalise a template into { functions = name -> spec, security = name -> level, ... }.
 local function describe(t, level)
   level = level + 1
@@ -212,7 +219,14 @@ local function describe(t, level)
       end
     end
   end
-  if t.implements ~= nil then check_string_list("template.implements", t.implements, level) end
+  -- implements / requirements are copied into plain lists here, while the template is
+  -- checked (under the entry chunk's budget): the interface never reads the driver's
+  -- tables again, whatever metatables they get later.
+  out.implements, out.requirements = {}, {}
+  if t.implements ~= nil then
+    check_string_list("template.implements", t.implements, level)
+    out.implements = copy_list(t.implements)
+  end
   if t.requirements ~= nil then
     if type(t.requirements) ~= "table" then
       bad("template.requirements must be a table { Module = { \"Interface\", ... } }", level)
@@ -220,6 +234,7 @@ local function describe(t, level)
     for k, v in pairs(t.requirements) do
       if type(k) ~= "string" then bad("template.requirements keys must be module names (strings)", level) end
       check_string_list("template.requirements." .. k, v, level)
+      out.requirements[k] = copy_list(v)
     end
   end
   return out
@@ -288,10 +303,10 @@ local function metadata_json(driver)
   for _, lvl in ipairs({ "support", "administrator" }) do
     if sec[lvl] then sec_parts[#sec_parts + 1] = quote(lvl) .. ":" .. encode(sec[lvl]) end
   end
-  local req = driver.requirements
+  local req = d.requirements
   local req_text = "{}"
   if req and next(req) ~= nil then req_text = encode(req) end
-  local impl = driver.implements
+  local impl = d.implements
   local impl_text = "[]"
   if impl and #impl > 0 then impl_text = encode(impl) end
   local interface = '{"functions":{' .. tconcat(parts, ",") .. '},"implements":' .. impl_text ..
@@ -338,8 +353,8 @@ function build_metadata(driver)
     fns[name] = ps
   end
   base.functions = fns
-  base.implements = driver.implements or {}
-  base.requirements = driver.requirements or {}
+  base.implements = d.implements
+  base.requirements = d.requirements
   base.security = security_lists(d)
   return base
 end
@@ -394,14 +409,16 @@ function M.invoke(driver, device_id, name, args, call_id)
     return report(false, "driver has no function " .. tostring(name) .. " for device " .. tostring(device_id))
   end
   -- The message handler runs before a CPU-limit abort is re-raised past us: report then.
+  -- An error object is turned into text under the budget (error_text): its __tostring is
+  -- the driver's, and an abort inside it is reported as the abort.
   local ok, res = xpcall(spec.handler, function(m)
-    local msg = tostring(m)
+    local msg = error_text(m)
     report(false, msg)
     return msg
   end, driver, device, args)
   if not ok then
-    caps.log("warn", device_id, "function " .. name .. " failed: " .. tostring(res))
-    return report(false, tostring(res))
+    caps.log("warn", device_id, "function " .. name .. " failed: " .. res)
+    return report(false, res)
   end
   local text, problem = try_encode(res, "Results of function " .. name, "result")
   if text == nil then return report(false, problem) end
@@ -508,5 +525,7 @@ function caps.on_driver_built(d)
   if d.system == nil then d.system = system end
 end
 
+-- The host's entry points (invoke, deliver, metadata_json, sync_*) go to the host only:
+-- `require "driver_functions"` from driver code gets the harmless helpers.
 caps.functions_api = M
-return M
+return { quote = M.quote, encode = M.encode, parse_type = M.parse_type }

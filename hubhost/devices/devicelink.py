@@ -324,7 +324,9 @@ class DeviceLink:
         owner = self.owner
         limit = owner.rt.max_send_backlog
         backlog = owner.send_backlog
-        if backlog + len(data) > limit and (backlog > 0 or len(data) > limit):
+        # one send bigger than the cap still goes when nothing waits (its bytes were in the
+        # driver's own heap); after it, nothing more until the transports took it
+        if backlog > 0 and backlog + len(data) > limit:
             return None, (f"send backlog full: {backlog} bytes of this driver's sends are waiting "
                           f"to be written and this one is {len(data)}; limit of {limit} bytes per "
                           "driver reached (max_send_backlog)").encode()

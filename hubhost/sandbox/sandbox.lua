@@ -28,6 +28,7 @@ local str_byte, str_sub, str_format, str_find, str_gsub = string.byte, string.su
 local tconcat, tinsert, tremove, tsort = table.concat, table.insert, table.remove, table.sort
 local co_create, co_resume, co_yield, co_status, co_running, co_wrap =
   coroutine.create, coroutine.resume, coroutine.yield, coroutine.status, coroutine.running, coroutine.wrap
+local co_isyieldable = coroutine.isyieldable
 local floor, huge = math.floor, math.huge
 -- The monotonic clock, read through the FFI (privileged code only): the budget is armed for
 -- every event, and a call into Python for the time cost a lock round trip each time.
@@ -408,8 +409,7 @@ local driver_resume
 local function after_driver_resume(co, depth, ok, a, ...)
   c_depth = depth
   if ok and a == WAIT then
-    local _, is_main = co_running()
-    if is_main then
+    if not co_isyieldable() then
       return false, "host waits (sleep, device:request, datastore saves, calls) can only be used inside a handler"
     end
     return driver_resume(co, co_yield(WAIT, ...))

@@ -170,7 +170,7 @@ class DriverSlot:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         rt = DriverRuntime(self.id, self.cfg.path, self, max_memory=self.cfg.max_memory,
                            cpu_limit=self.cfg.cpu_limit, state_dir=self.state_dir,
-                           status=self.sup.status)
+                           status=self.sup.status, **self.cfg.runtime_limits())
         self.rt = rt
         for hook in self.sup.runtime_hooks:
             hook(self, rt)
