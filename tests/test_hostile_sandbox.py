@@ -356,10 +356,12 @@ def test_privileged_values_are_unreachable_from_driver_code(tmp_path: Path) -> N
           local bad = {}
           local function no(name, v) if v ~= nil and seen[v] then bad[#bad + 1] = name end end
           no('caps', R.caps) no('R', R) no('sandbox', sb) no('host', host)
-          for k, v in pairs(R.caps) do if type(v) == 'table' or k == 'host_wait' or k == 'register_driver'
-            or k == 'timer_start' or k == 'set_status' then no('caps.' .. k, v) end end
-          for k, v in pairs(sb) do if type(v) == 'function' and k ~= 'sort' and k ~= 'error_text' then
-            no('sandbox.' .. k, v) end end
+          for k, v in pairs(R.caps) do no('caps.' .. k, v) end
+          for k, v in pairs(R.caps.functions_api) do
+            if type(v) == 'function' and k ~= 'quote' and k ~= 'encode' and k ~= 'parse_type' then
+              no('functions_api.' .. k, v) end end
+          for k, v in pairs(sb) do
+            if type(v) == 'function' and k ~= 'sort' then no('sandbox.' .. k, v) end end   -- sort: table.sort
           for k, v in pairs(host) do no('host.' .. k, v) end
           for k, v in pairs(R) do if type(v) == 'function' then no('R.' .. k, v) end end
           return table.concat(bad, ',')
@@ -819,3 +821,26 @@ def test_log_text_is_one_escaped_capped_line(tmp_path: Path) -> None:
         "... [truncated: 20000 characters in all]") and len(lines[2]) < 8300
     assert "boom\\n[innocent] FORGED" in lines[3]
     assert "x\\ny" in lines[-1]
+
+
+def test_framing_pattern_errors_and_results_are_checked_under_the_budget(tmp_path: Path) -> None:
+    out = isolated(tmp_path, f'''
+        rt, port = runtime(PLAIN, cpu_limit=0.3)
+        rt.sandbox.expose(link_open=lambda *a: False, link_close=lambda *a: None,
+                          link_send=lambda *a: (True, None), link_answer=lambda *a: None,
+                          link_request=lambda *a: None, link_check_framing=lambda *a: None)
+        lua = rt.sandbox.run_private("devicelink.lua", rt.R, rt.R.caps, rt.sandbox.host,
+                                     rt.sandbox.sb, rt.cpu_limit)
+        for name, body in {{
+            "error object": "error(setmetatable({{}}, {{ __tostring = {SPIN} }}))",
+            "table frame": "return setmetatable({{}}, {{ __len = {SPIN}, __index = {SPIN} }}), ''",
+            "good": "return buf:sub(1, 1), buf:sub(2)",
+        }}.items():
+            fn = rt.sandbox.run("return function(buf) " + body + " end")
+            t = time.monotonic()
+            r = lua.tokenize(fn, b"ab", b"framing pattern [d1]")
+            out[name] = [[x.decode() if isinstance(x, bytes) else x for x in r], time.monotonic() - t]
+    ''')
+    assert out["error object"][0] == [False, "cpu limit exceeded"] and out["error object"][1] < 1.5
+    assert out["table frame"][0] == [False, "framing pattern: the frame must be a string or nil, got table"]
+    assert out["good"][0] == [True, "a", "b"]

@@ -201,12 +201,22 @@ end
 
 -- One call of a `pattern` framing function: (ok, frame, rest) or (false, message).
 -- `return nil` alone means "need more bytes, keep the buffer".
+-- An error object is turned into text before the budget is disarmed (its __tostring is the
+-- driver's); results must be strings (or nil), never driver tables handed to the host.
+local error_text = sb.error_text
 function L.tokenize(fn, buffer, label)
   sb.arm(cpu_limit, label)
   local ok, frame, rest = pcall(fn, buffer)
+  if not ok then frame = error_text(frame) end
   local abort = sb.disarm()
   if abort then return false, abort end
-  if not ok then return false, tostring(frame) end
+  if not ok then return false, frame end
+  if frame ~= nil and type(frame) ~= "string" then
+    return false, "framing pattern: the frame must be a string or nil, got " .. type(frame)
+  end
+  if rest ~= nil and type(rest) ~= "string" then
+    return false, "framing pattern: the rest must be a string or nil, got " .. type(rest)
+  end
   if frame == nil and rest == nil then rest = buffer end
   return true, frame, rest
 end
