@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -139,7 +138,7 @@ def test_driver_table_traps_do_not_reach_the_host(tmp_path: Path) -> None:
     assert out["metadata"]["functions"] == {}
     assert out["framing_keys"] == ["delimiter"]
     assert out["status"] == "true"
-    assert out["seconds"] < 0.25, "the host ran the driver's __index with no budget"
+    assert out["seconds"] < 1.0, "the host ran the driver's __index with no budget"
     assert out["failed"] == []
 
 
@@ -168,7 +167,8 @@ def test_implements_with_a_spinning_len(tmp_path: Path) -> None:
                 runtime(src, cpu_limit=0.3)
             out[where] = timed(load)
     ''')
-    assert out.pop("after_init") == [["A"], ["A"], pytest.approx(0.1, abs=0.4)]
+    md_implements, interface_implements, seconds = out.pop("after_init")
+    assert md_implements == ["A"] and interface_implements == ["A"] and seconds < 0.5
     for where, ((kind, msg), seconds) in out.items():
         assert kind == "error" and "DriverLoadError" in msg and "cpu limit exceeded" in msg, (where, msg)
         assert seconds < 2.0, where
@@ -199,7 +199,7 @@ def test_functions_and_params_traps_and_hostile_results(tmp_path: Path) -> None:
         out["failed"] = port.failed
     ''')
     assert sorted(out["interface"]["functions"]) == ["bad", "ok"]
-    assert out["metadata_seconds"] < 0.25
+    assert out["metadata_seconds"] < 1.0
     assert out["ok"][0] == [True, '{"a":1}']            # encoded raw, no metamethod ran
     assert out["bad"][0][0] is False and "cpu limit exceeded" in out["bad"][0][1]
     assert out["bad"][1] < 2.0
@@ -614,7 +614,7 @@ def test_other_c_functions_are_bounded(tmp_path: Path) -> None:
             out[name] = [handler(rt, "return function() " + code + " end"), [f[1] for f in port.failed]]
     ''')
     for name, (seconds, kinds) in out.items():
-        assert seconds < 0.5, (name, seconds)
+        assert seconds < 1.0, (name, seconds)
         assert "cpu" not in kinds, name
 
 
