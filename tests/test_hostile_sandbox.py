@@ -844,3 +844,24 @@ def test_framing_pattern_errors_and_results_are_checked_under_the_budget(tmp_pat
     assert out["error object"][0] == [False, "cpu limit exceeded"] and out["error object"][1] < 1.5
     assert out["table frame"][0] == [False, "framing pattern: the frame must be a string or nil, got table"]
     assert out["good"][0] == [True, "a", "b"]
+
+
+def test_a_host_function_cannot_reenter_the_runtime_from_a_running_handler(tmp_path: Path) -> None:
+    """A host that started or resumed a handler synchronously from inside another would
+    re-arm the budget, and the first handler would go on disarmed: refused."""
+    out = isolated(tmp_path, f'''
+        rt, port = runtime(PLAIN, cpu_limit=0.3)
+        inner = rt.sandbox.run("return function() _G.inner_ran = true end", env=rt.test_env)
+        lua_call = rt.R.call
+        rt.sandbox.expose(reenter=lambda: lua_call(b"inner", inner))
+        # (handed to this test's handler only: drivers never get host functions)
+        make = rt.sandbox.run("return function(reenter) return function() reenter() while true do end end end",
+                              env=rt.test_env)
+        out["seconds"] = timed(rt.call, "outer", make(rt.sandbox.host.reenter))[1]
+        out["inner_ran"] = get(rt, "inner_ran")
+        out["failed"] = port.failed
+    ''')
+    assert out["inner_ran"] is None
+    assert [f[:2] for f in out["failed"]] == [["inner", "error"], ["outer", "cpu"]], out["failed"]
+    assert "from inside another running handler" in out["failed"][0][2]
+    assert out["seconds"] < 1.5

@@ -205,6 +205,9 @@ end
 -- driver's); results must be strings (or nil), never driver tables handed to the host.
 local error_text = sb.error_text
 function L.tokenize(fn, buffer, label)
+  if sb.armed() then   -- called from inside a running handler: never re-arm (see sandbox.lua)
+    return false, "framing pattern not run: called from inside a running handler"
+  end
   sb.arm(cpu_limit, label)
   local ok, frame, rest = pcall(fn, buffer)
   if not ok then frame = error_text(frame) end

@@ -120,6 +120,8 @@ function M.arm(limit_seconds, label)
   deadline = host_clock() + limit_seconds
 end
 
+function M.armed() return deadline ~= nil end
+
 function M.disarm()
   deadline = nil
   local m = abort_message
@@ -618,7 +620,16 @@ local function after_resume(co, label, ok, ...)
 end
 
 -- Start fn(...) as a new handler coroutine under the CPU budget.
+-- A host function called by a running handler that starts or resumes another handler of
+-- the same runtime synchronously would re-arm the budget and, when that one ends, leave the
+-- first handler running disarmed: refused (hosts post such work instead).
+local function reentered(label)
+  return on_done(label, false, "handler " .. tostring(label) .. " not run: the host started it "
+    .. "from inside another running handler of this driver (host functions must post it)", "")
+end
+
 function M.spawn(label, limit, fn, ...)
+  if deadline ~= nil then return reentered(label) end
   local co
   if pool_n > 0 then
     co = pool[pool_n]
@@ -636,6 +647,7 @@ end
 function M.resume(token, limit, ...)
   local co = parked[token]
   if not co then return end
+  if deadline ~= nil then return reentered(current_label[co]) end   -- stays parked
   parked[token] = nil
   local label = current_label[co]
   M.arm(limit, label)
