@@ -155,17 +155,17 @@ local function check_string_list(what, v, level)
   if type(v) ~= "table" then bad(what .. " must be a list of names, got " .. type(v), level) end
   local kind = table_kind(v)
   if kind == nil or kind == "object" then bad(what .. " must be a list of names", level) end
+  -- returns a plain copy; `#v` is evaluated once (a driver's __len may answer differently
+  -- each time, and a copy loop over nils would run in a compiled trace the hook never sees)
+  local copy = {}
   for i = 1, #v do
-    if type(v[i]) ~= "string" then
-      bad(str_format("%s[%d] must be a string, got %s", what, i, type(v[i])), level)
+    local x = v[i]
+    if type(x) ~= "string" then
+      bad(str_format("%s[%d] must be a string, got %s", what, i, type(x)), level)
     end
+    copy[i] = x
   end
-end
-
-local function copy_list(v)
-  local c = {}
-  for i = 1, #v do c[i] = v[i] end
-  return c
+  return copy
 end
 
 -- Normalise a template into { functions = name -> spec, security = name -> level, ... }.
@@ -224,8 +224,7 @@ local function describe(t, level)
   -- tables again, whatever metatables they get later.
   out.implements, out.requirements = {}, {}
   if t.implements ~= nil then
-    check_string_list("template.implements", t.implements, level)
-    out.implements = copy_list(t.implements)
+    out.implements = check_string_list("template.implements", t.implements, level)
   end
   if t.requirements ~= nil then
     if type(t.requirements) ~= "table" then
@@ -233,8 +232,7 @@ local function describe(t, level)
     end
     for k, v in pairs(t.requirements) do
       if type(k) ~= "string" then bad("template.requirements keys must be module names (strings)", level) end
-      check_string_list("template.requirements." .. k, v, level)
-      out.requirements[k] = copy_list(v)
+      out.requirements[k] = check_string_list("template.requirements." .. k, v, level)
     end
   end
   return out

@@ -155,6 +155,15 @@ def test_implements_with_a_spinning_len(tmp_path: Path) -> None:
         text, _ = rt.R.caps.functions_api.metadata_json(rt.R.driver())
         out["after_init"] = [rt.metadata()["implements"], json.loads(text.decode())["implements"],
                              time.monotonic() - t]
+        for answer in ("1, then 1e15", "1e15"):
+            t = time.monotonic()
+            r = timed(runtime, """
+              local calls = 0
+              local len = function() calls = calls + 1 return (calls == 1 and FIRST) or 1e15 end
+              return require("driver_helper").init {{
+                name = "x", implements = setmetatable({{ "X" }}, {{ __len = len }}) }}
+              """.replace("FIRST", "1" if answer.startswith("1,") else "1e15"))
+            out["len " + answer] = [r[0][0], r[0][1] if r[0][0] == "error" else None, r[1]]
         for where, src in {{
             "in the template": """
               return require("driver_helper").init {{
@@ -169,6 +178,10 @@ def test_implements_with_a_spinning_len(tmp_path: Path) -> None:
     ''')
     md_implements, interface_implements, seconds = out.pop("after_init")
     assert md_implements == ["A"] and interface_implements == ["A"] and seconds < 0.5
+    # a __len that answers 1 to the check and 1e15 later: `#` is read once, never looped on
+    assert out.pop("len 1, then 1e15")[0] == "ok"
+    kind, msg, seconds = out.pop("len 1e15")
+    assert kind == "error" and "template.implements[2] must be a string, got nil" in msg and seconds < 2
     for where, ((kind, msg), seconds) in out.items():
         assert kind == "error" and "DriverLoadError" in msg and "cpu limit exceeded" in msg, (where, msg)
         assert seconds < 2.0, where
