@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hubhost.sandbox.runtime import DeviceInfo
+from hubhost.sandbox.runtime import DEFAULT_LIMITS, DeviceInfo
 
 TRANSPORTS = ("serial", "tcp", "udp")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical")
@@ -44,6 +44,16 @@ class DriverConfig:
     max_memory: int = 64 * 1024 * 1024
     cpu_limit: float = 1.0
     group: str | None = None      # drivers of one group share a worker process (shared fate)
+    # per-driver caps (README "Limits"; DriverRuntime kwargs of the same names)
+    max_timers: int = DEFAULT_LIMITS["max_timers"]
+    max_pending_requests: int = DEFAULT_LIMITS["max_pending_requests"]
+    max_send_backlog: int = DEFAULT_LIMITS["max_send_backlog"]
+    max_status_value: int = DEFAULT_LIMITS["max_status_value"]
+    max_status_fields: int = DEFAULT_LIMITS["max_status_fields"]
+
+    def runtime_limits(self) -> dict[str, int]:
+        """The caps as DriverRuntime keyword arguments."""
+        return {name: getattr(self, name) for name in DEFAULT_LIMITS}
 
     @property
     def worker_name(self) -> str:
@@ -86,7 +96,13 @@ class _Checker:
             self.fail(key, f"must be greater than {minimum:g}, got {v!r}")
         return float(v)
 
-    def size(self, table: dict, name: str, key: str, default: int) -> int:
+    def count(self, table: dict, name: str, key: str, default: int) -> int:
+        v = self.typed(table, name, key, (int,), "a positive integer", default)
+        if v < 1:
+            self.fail(key, f"must be a positive integer, got {v!r}")
+        return v
+
+    def size(self, table: dict, name: str, key: str, default: int, *, minimum: int = 1024 * 1024) -> int:
         if name not in table:
             return default
         v = table[name]
@@ -96,8 +112,9 @@ class _Checker:
             n = int(float(m.group(1)) * _UNITS[m.group(2)])
         else:
             self.fail(key, f"must be a size in bytes or like \"64MiB\", got {v!r}")
-        if n < 1024 * 1024:
-            self.fail(key, f"must be at least 1MiB, got {v!r}")
+        if n < minimum:
+            shown = f"{minimum // (1024 * 1024)}MiB" if minimum >= 1024 * 1024 else f"{minimum} bytes"
+            self.fail(key, f"must be at least {shown}, got {v!r}")
         return n
 
     def ident(self, table: dict, name: str, key: str) -> str:
@@ -246,7 +263,8 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
         k = f"drivers[{i}]"
         if not isinstance(d, dict):
             c.fail(k, "must be a table")
-        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group"}, k)
+        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group",
+                      *DEFAULT_LIMITS}, k)
         did = c.ident(d, "id", f"{k}.id")
         if did in seen_drivers:
             c.fail(f"{k}.id", f"duplicate driver id {did!r}")
@@ -264,6 +282,15 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
             max_memory=c.size(d, "max_memory", f"{k}.max_memory", 64 * 1024 * 1024),
             cpu_limit=c.number(d, "cpu_limit", f"{k}.cpu_limit", 1.0),
             group=c.ident(d, "group", f"{k}.group") if "group" in d else None,
+            max_timers=c.count(d, "max_timers", f"{k}.max_timers", DEFAULT_LIMITS["max_timers"]),
+            max_pending_requests=c.count(d, "max_pending_requests", f"{k}.max_pending_requests",
+                                         DEFAULT_LIMITS["max_pending_requests"]),
+            max_send_backlog=c.size(d, "max_send_backlog", f"{k}.max_send_backlog",
+                                    DEFAULT_LIMITS["max_send_backlog"], minimum=1024),
+            max_status_value=c.size(d, "max_status_value", f"{k}.max_status_value",
+                                    DEFAULT_LIMITS["max_status_value"], minimum=64),
+            max_status_fields=c.count(d, "max_status_fields", f"{k}.max_status_fields",
+                                      DEFAULT_LIMITS["max_status_fields"]),
         )
         devs = c.typed(d, "devices", f"{k}.devices", (list,), "an array of tables ([[drivers.devices]])", [])
         for j, dev in enumerate(devs):

@@ -19,6 +19,7 @@ local str_format, str_find, str_match = string.format, string.find, string.match
 local tconcat, tsort = table.concat, table.sort
 
 local json = require "hubhost.json"
+local error_text = caps.sandbox.error_text
 
 local M = {}
 
@@ -154,11 +155,17 @@ local function check_string_list(what, v, level)
   if type(v) ~= "table" then bad(what .. " must be a list of names, got " .. type(v), level) end
   local kind = table_kind(v)
   if kind == nil or kind == "object" then bad(what .. " must be a list of names", level) end
+  -- returns a plain copy; `#v` is evaluated once (a driver's __len may answer differently
+  -- each time, and a copy loop over nils would run in a compiled trace the hook never sees)
+  local copy = {}
   for i = 1, #v do
-    if type(v[i]) ~= "string" then
-      bad(str_format("%s[%d] must be a string, got %s", what, i, type(v[i])), level)
+    local x = v[i]
+    if type(x) ~= "string" then
+      bad(str_format("%s[%d] must be a string, got %s", what, i, type(x)), level)
     end
+    copy[i] = x
   end
+  return copy
 end
 
 -- Normalise a template into { functions = name -> spec, security = name -> level, ... }.
@@ -212,14 +219,20 @@ local function describe(t, level)
       end
     end
   end
-  if t.implements ~= nil then check_string_list("template.implements", t.implements, level) end
+  -- implements / requirements are copied into plain lists here, while the template is
+  -- checked (under the entry chunk's budget): the interface never reads the driver's
+  -- tables again, whatever metatables they get later.
+  out.implements, out.requirements = {}, {}
+  if t.implements ~= nil then
+    out.implements = check_string_list("template.implements", t.implements, level)
+  end
   if t.requirements ~= nil then
     if type(t.requirements) ~= "table" then
       bad("template.requirements must be a table { Module = { \"Interface\", ... } }", level)
     end
     for k, v in pairs(t.requirements) do
       if type(k) ~= "string" then bad("template.requirements keys must be module names (strings)", level) end
-      check_string_list("template.requirements." .. k, v, level)
+      out.requirements[k] = check_string_list("template.requirements." .. k, v, level)
     end
   end
   return out
@@ -259,9 +272,12 @@ local function security_lists(d)
   return lists
 end
 
---- Interface JSON text (functions and params in a stable order) and a JSON object of
--- per-function timeouts (host-only information).
-function M.metadata_json(driver)
+-- driver -> { interface, timeouts, metadata } computed by caps.prepare_driver at load, under
+-- the CPU budget: the host asks for them later with no budget armed, and they are built
+-- from driver tables (implements, requirements, defaults) that may carry metamethods.
+local prepared = setmetatable({}, { __mode = "k" })
+
+local function metadata_json(driver)
   local d = description(driver)
   local parts = {}
   for _, name in ipairs(d.names) do
@@ -285,10 +301,10 @@ function M.metadata_json(driver)
   for _, lvl in ipairs({ "support", "administrator" }) do
     if sec[lvl] then sec_parts[#sec_parts + 1] = quote(lvl) .. ":" .. encode(sec[lvl]) end
   end
-  local req = driver.requirements
+  local req = d.requirements
   local req_text = "{}"
   if req and next(req) ~= nil then req_text = encode(req) end
-  local impl = driver.implements
+  local impl = d.implements
   local impl_text = "[]"
   if impl and #impl > 0 then impl_text = encode(impl) end
   local interface = '{"functions":{' .. tconcat(parts, ",") .. '},"implements":' .. impl_text ..
@@ -301,8 +317,29 @@ function M.metadata_json(driver)
   return interface, "{" .. tconcat(timeouts, ",") .. "}"
 end
 
+--- Interface JSON text (functions and params in a stable order) and a JSON object of
+-- per-function timeouts (host-only information).
+function M.metadata_json(driver)
+  local p = prepared[driver]
+  if p then
+    if p.err then error(p.err, 0) end
+    return p.interface, p.timeouts
+  end
+  return metadata_json(driver)
+end
+
+local build_metadata
 local prev_metadata = caps.metadata
 function caps.metadata(driver)
+  local p = prepared[driver]
+  if p then
+    if p.err then error(p.err, 0) end
+    return p.metadata
+  end
+  return build_metadata(driver)
+end
+
+function build_metadata(driver)
   local base = prev_metadata and prev_metadata(driver) or {}
   local d = description(driver)
   local fns = {}
@@ -314,10 +351,25 @@ function caps.metadata(driver)
     fns[name] = ps
   end
   base.functions = fns
-  base.implements = driver.implements or {}
-  base.requirements = driver.requirements or {}
+  base.implements = d.implements
+  base.requirements = d.requirements
   base.security = security_lists(d)
   return base
+end
+
+-- Called by runtime.lua right after the entry chunk, still under its CPU budget. A driver
+-- whose interface cannot be built loads anyway; asking for its interface raises the error.
+local prev_prepare = caps.prepare_driver
+function caps.prepare_driver(driver)
+  if prev_prepare then prev_prepare(driver) end
+  local ok, interface, timeouts = pcall(metadata_json, driver)
+  local ok2, md = pcall(build_metadata, driver)
+  if ok and ok2 then
+    prepared[driver] = { interface = interface, timeouts = timeouts, metadata = md }
+  else
+    local e = ok and md or interface
+    prepared[driver] = { err = type(e) == "string" and e or "the driver's interface cannot be built" }
+  end
 end
 
 ---------------------------------------------------------------------------------------------
@@ -355,14 +407,16 @@ function M.invoke(driver, device_id, name, args, call_id)
     return report(false, "driver has no function " .. tostring(name) .. " for device " .. tostring(device_id))
   end
   -- The message handler runs before a CPU-limit abort is re-raised past us: report then.
+  -- An error object is turned into text under the budget (error_text): its __tostring is
+  -- the driver's, and an abort inside it is reported as the abort.
   local ok, res = xpcall(spec.handler, function(m)
-    local msg = tostring(m)
+    local msg = error_text(m)
     report(false, msg)
     return msg
   end, driver, device, args)
   if not ok then
-    caps.log("warn", device_id, "function " .. name .. " failed: " .. tostring(res))
-    return report(false, tostring(res))
+    caps.log("warn", device_id, "function " .. name .. " failed: " .. res)
+    return report(false, res)
   end
   local text, problem = try_encode(res, "Results of function " .. name, "result")
   if text == nil then return report(false, problem) end
@@ -469,5 +523,7 @@ function caps.on_driver_built(d)
   if d.system == nil then d.system = system end
 end
 
+-- The host's entry points (invoke, deliver, metadata_json, sync_*) go to the host only:
+-- `require "driver_functions"` from driver code gets the harmless helpers.
 caps.functions_api = M
-return M
+return { quote = M.quote, encode = M.encode, parse_type = M.parse_type }

@@ -349,7 +349,8 @@ class DatastoreService:
         b = self._current(slot, rt)
         actor = slot.actor
         if b is None or actor is None:
-            rt.resume(token, None, b"datastore: no datastore file is attached to this runtime")
+            if actor is not None:   # from the run queue: a resume never nests in Lua
+                actor.post(rt.resume, token, None, b"datastore: no datastore file is attached to this runtime")
             return
         seq, data = int(arg[1]), arg[2]
 

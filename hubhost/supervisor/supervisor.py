@@ -345,15 +345,18 @@ class WorkerHandle:
             return None
         if not isinstance(value, str):
             return "a status value must be JSON text"
-        if len(value) > MAX_STATUS_VALUE:
-            return f"the value is {len(value)} bytes of JSON, over the limit of {MAX_STATUS_VALUE}"
+        cfg = self.slots[self.devices[dev]].cfg
+        cap = getattr(cfg, "max_status_value", MAX_STATUS_VALUE)
+        if len(value) > cap:
+            return f"the value is {len(value)} bytes of JSON, over the limit of {cap} (max_status_value)"
         try:
             orjson.loads(value)
         except orjson.JSONDecodeError:
             return "the value is not valid JSON text"
         st = self.sup.status
-        if st.get(dev, name) is None and st.field_count(dev) >= MAX_STATUS_FIELDS:
-            return f"the device already has {MAX_STATUS_FIELDS} status fields (the limit)"
+        fields = getattr(cfg, "max_status_fields", MAX_STATUS_FIELDS)
+        if st.get(dev, name) is None and st.field_count(dev) >= fields:
+            return f"the device already has {fields} status fields (max_status_fields)"
         return None
 
     def _refuse(self, dev: Any, name: Any, problem: str) -> None:

@@ -76,8 +76,8 @@ class DriverSlot:
 
     def wait_host(self, rt: DriverRuntime, token: int, what: str, arg: Any) -> None:
         handler = self.sup.wait_handlers.get(what)
-        if handler is None:
-            rt.resume(token, None, f"unknown host wait {what!r}".encode())
+        if handler is None:   # answered from the run queue: a resume never nests in Lua
+            self.actor.post(rt.resume, token, None, f"unknown host wait {what!r}".encode())
             return
         handler(self, rt, token, arg)
 
@@ -175,7 +175,7 @@ class DriverSlot:
         """On the driver's thread: build the runtime, load the entry chunk, start devices."""
         rt = DriverRuntime(self.id, self.cfg.path, self, max_memory=self.cfg.max_memory,
                            cpu_limit=self.cfg.cpu_limit, state_dir=self.state_dir,
-                           status=self.sup.status)
+                           status=self.sup.status, **self.cfg.runtime_limits())
         self.rt = rt
         for hook in self.sup.runtime_hooks:
             hook(self, rt)
