@@ -96,7 +96,7 @@ local function make_require(builtin)
       error("bad argument #1 to 'require' (string expected, got " .. type(name) .. ")", 2)
     end
     local v = loaded[name]
-    if v ~= nil then return v end
+    if v then return v end      -- false counts as not loaded, as in Lua
     local b = builtin and builtin(name)
     if b ~= nil then return b end
     if loading[name] then error("loop or previous error loading module '" .. name .. "'", 2) end
@@ -111,7 +111,7 @@ local function make_require(builtin)
         if not ok then error(res, 0) end
         if res ~= nil then
           loaded[name] = res
-        elseif loaded[name] == nil then
+        elseif not loaded[name] then
           loaded[name] = true
         end
         return loaded[name]
@@ -147,35 +147,50 @@ end
 
 ---------------------------------------------------------------------------------------------
 -- io: output to the test's captured output, files read-only from the driver folder.
-local file_mt = {}
-file_mt.__index = file_mt
+-- Files are userdata, as Lua's are (suites check type(io.stdout) == "userdata"); their
+-- state lives in a weak table keyed by the userdata.
+local newproxy = newproxy
+local state = setmetatable({}, { __mode = "k" })
+local methods = {}
+local file_mt = { __index = methods, __metatable = "file" }
 file_mt.__tostring = function(f)
-  if f.closed then return "file (closed)" end
-  return f.label
+  local st = state[f]
+  if st.closed then return "file (closed)" end
+  return st.label
 end
 
-local function check_open(f, what)
-  if getmetatable(f) ~= file_mt then error("bad argument #1 to '" .. what .. "' (FILE* expected)", 3) end
-  if f.closed then error("attempt to use a closed file", 3) end
+local function new_file(st)
+  local f = newproxy(true)
+  local mt = getmetatable(f)
+  mt.__index, mt.__tostring, mt.__metatable = methods, file_mt.__tostring, "file"
+  state[f] = st
+  return f
 end
 
-local function read_one(f, fmt)
-  local data, pos = f.data, f.pos
+local function get(f, what)
+  local st = state[f]
+  if st == nil then error("bad argument #1 to '" .. what .. "' (FILE* expected, got " .. type(f) .. ")", 3) end
+  if st.closed then error("attempt to use a closed file", 3) end
+  return st
+end
+
+local function read_one(st, fmt)
+  local data, pos = st.data, st.pos
   if type(fmt) == "number" then
     if pos > #data then return nil end
-    f.pos = pos + fmt
+    st.pos = pos + fmt
     return str_sub(data, pos, pos + fmt - 1)
   end
   fmt = str_gsub(tostring(fmt), "^%*", "")
   local c = str_sub(fmt, 1, 1)
   if c == "a" then
-    f.pos = #data + 1
+    st.pos = #data + 1
     return str_sub(data, pos)
   elseif c == "l" or c == "L" then
     if pos > #data then return nil end
     local nl = str_find(data, "\n", pos, true)
     local stop = nl or #data
-    f.pos = stop + 1
+    st.pos = stop + 1
     if c == "L" or not nl then return str_sub(data, pos, stop) end
     return str_sub(data, pos, stop - 1)
   elseif c == "n" then
@@ -183,57 +198,44 @@ local function read_one(f, fmt)
     if not s then return nil end
     local n = tonumber((str_sub(data, s, e)))
     if n == nil then return nil end
-    f.pos = e + 1
+    st.pos = e + 1
     return n
   end
   error("bad argument #1 to 'read' (invalid format)", 3)
 end
 
-function file_mt.read(f, ...)
-  check_open(f, "read")
+function methods.read(f, ...)
+  local st = get(f, "read")
+  if st.output then return nil, "standard output cannot be read" end
   local n = select("#", ...)
-  if n == 0 then return read_one(f, "l") end
+  if n == 0 then return read_one(st, "l") end
   local out = {}
   for i = 1, n do
-    local v = read_one(f, (select(i, ...)))
+    local v = read_one(st, (select(i, ...)))
     out[i] = v
     if v == nil then return unpack(out, 1, i) end
   end
   return unpack(out, 1, n)
 end
 
-function file_mt.lines(f, fmt)
-  check_open(f, "lines")
-  return function() return read_one(f, fmt or "l") end
+function methods.lines(f, fmt)
+  local st = get(f, "lines")
+  if st.output then error("standard output cannot be read", 2) end
+  return function() return read_one(st, fmt or "l") end
 end
 
-function file_mt.seek(f, whence, offset)
-  check_open(f, "seek")
+function methods.seek(f, whence, offset)
+  local st = get(f, "seek")
+  if st.output then return nil, "Illegal seek", 29 end
   whence, offset = whence or "cur", offset or 0
-  local base_pos = whence == "set" and 0 or whence == "end" and #f.data or f.pos - 1
-  f.pos = base_pos + offset + 1
-  return f.pos - 1
+  local from = whence == "set" and 0 or whence == "end" and #st.data or st.pos - 1
+  st.pos = from + offset + 1
+  return st.pos - 1
 end
 
-function file_mt.write(f)
-  check_open(f, "write")
-  return nil, f.name .. ": files opened in a spec are read-only", 9
-end
-
-function file_mt.close(f)
-  check_open(f, "close")
-  f.closed = true
-  return true
-end
-
-function file_mt.flush() return true end
-function file_mt.setvbuf() return true end
-
--- io.stdout / io.stderr: both go to the test's captured output
-local out_mt = {}
-out_mt.__index = out_mt
-out_mt.__tostring = function(o) return o.label end
-function out_mt.write(o, ...)
+function methods.write(f, ...)
+  local st = get(f, "write")
+  if not st.output then return nil, st.name .. ": files opened in a spec are read-only", 9 end
   local parts = {}
   for i = 1, select("#", ...) do
     local v = select(i, ...)
@@ -243,19 +245,24 @@ function out_mt.write(o, ...)
     parts[i] = tostring(v)
   end
   host.write(tconcat(parts))
-  return o
+  return f
 end
-function out_mt.flush() return true end
-function out_mt.setvbuf() return true end
-function out_mt.close() return nil, "cannot close standard file" end
-function out_mt.lines() error("standard output cannot be read", 2) end
-function out_mt.read() return nil, "standard output cannot be read" end
-function out_mt.seek() return nil, "Illegal seek", 29 end
 
-local stdout = setmetatable({ label = "file (stdout)" }, out_mt)
-local stderr = setmetatable({ label = "file (stderr)" }, out_mt)
-local stdin = setmetatable({ label = "file (stdin)", data = "", pos = 1, name = "stdin" }, file_mt)
-local current_output = stdout
+function methods.close(f)
+  local st = get(f, "close")
+  if st.output then return nil, "cannot close standard file" end
+  st.closed = true
+  return true
+end
+
+function methods.flush() return true end
+function methods.setvbuf() return true end
+
+-- io.stdout / io.stderr both go to the test's captured output
+local stdout = new_file({ label = "file (stdout)", output = true, name = "stdout" })
+local stderr = new_file({ label = "file (stderr)", output = true, name = "stderr" })
+local stdin = new_file({ label = "file (stdin)", data = "", pos = 1, name = "stdin" })
+local current_output, current_input = stdout, stdin
 
 local io = { stdout = stdout, stderr = stderr, stdin = stdin }
 
@@ -269,42 +276,51 @@ function io.open(path, mode)
   end
   local data, err = host.read_bytes(path)
   if data == nil then return nil, err, 2 end
-  return setmetatable({ data = data, pos = 1, name = path,
-                        label = str_format("file (%s)", path) }, file_mt)
+  return new_file({ data = data, pos = 1, name = path, label = str_format("file (%s)", path) })
 end
 
 function io.lines(path, fmt)
-  if path == nil then return function() return nil end end
+  if path == nil then return current_input:lines(fmt) end
   local f, err = io.open(path)
   if not f then error(err, 2) end
+  local st = state[f]
   return function()
-    local line = read_one(f, fmt or "l")
-    if line == nil then f.closed = true end
+    local line = read_one(st, fmt or "l")
+    if line == nil then st.closed = true end
     return line
   end
 end
 
 function io.write(...) return current_output:write(...) end
-function io.read() return nil end
+function io.read(...) return current_input:read(...) end
 function io.close(f)
   if f == nil then return true end
   return f:close()
 end
 function io.type(f)
-  local mt = getmetatable(f)
-  if mt == out_mt then return "file" end
-  if mt == file_mt then return f.closed and "closed file" or "file" end
-  return nil
+  local st = state[f]
+  if st == nil then return nil end
+  return st.closed and "closed file" or "file"
 end
 function io.output(f)
-  if getmetatable(f) == out_mt then current_output = f
-  elseif f ~= nil then error("io.output in a spec takes io.stdout or io.stderr only", 2) end
+  if f ~= nil then
+    local st = state[f]
+    if not (st and st.output) then error("io.output in a spec takes io.stdout or io.stderr only", 2) end
+    current_output = f
+  end
   return current_output
 end
 function io.input(f)
-  if getmetatable(f) == file_mt then stdin = f
-  elseif f ~= nil then error("io.input in a spec takes a file opened with io.open", 2) end
-  return stdin
+  if type(f) == "string" then
+    local g, err = io.open(f)
+    if not g then error(err, 2) end
+    f = g
+  end
+  if f ~= nil then
+    if state[f] == nil or state[f].output then error("io.input in a spec takes a file opened with io.open", 2) end
+    current_input = f
+  end
+  return current_input
 end
 io.popen = function() error("io.popen is not available in specs", 2) end
 io.tmpfile = function() return nil, "io.tmpfile is not available in specs (files are read-only)" end

@@ -123,12 +123,15 @@ function util.check(cond, message)
   if not cond then util.fail(message) end
 end
 
+-- say as loaded with luassert: a spec may drop package.loaded.say to test its own copy
+local say = require "say"
+
 function util.argtolittle(name, min, n)
-  return require("say")("assertion.internal.argtolittle", { name, min, tostring(n) })
+  return say("assertion.internal.argtolittle", { name, min, tostring(n) })
 end
 
 function util.badargtype(pos, name, expected, got)
-  return require("say")("assertion.internal.badargtype", { pos, name, expected, got })
+  return say("assertion.internal.badargtype", { pos, name, expected, got })
 end
 
 -- __index of the chaining states of assert and match: `is_not_equal`, `.is.Not`, ... each
