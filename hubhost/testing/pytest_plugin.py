@@ -24,7 +24,10 @@ from typing import Any
 import pytest
 
 from hubhost.testing import specrun
-from hubhost.testing.specrun import Outcome, SpecResult, SpecTest
+from hubhost.testing.render import item_name as _item_name
+from hubhost.testing.render import render as _render
+from hubhost.testing.render import render_hook as _render_hook
+from hubhost.testing.specrun import SpecResult, SpecTest
 
 # Tags that would change how pytest treats an item (or need arguments) stay keywords
 # only; `#skip` and `#xfail` keep pytest's meaning on purpose.
@@ -84,11 +87,6 @@ def _marker(config: pytest.Config, tag: str) -> pytest.MarkDecorator:
     return getattr(pytest.mark, tag)
 
 
-def _item_name(spec_id: str) -> str:
-    # "::" separates node-id parts: keep it out of a name so selection by id works.
-    return spec_id.replace("::", ": :")
-
-
 class SpecFile(pytest.File):
     """A `*_spec.lua` file: run whole at collection; reruns a selection when pytest asks."""
 
@@ -138,29 +136,6 @@ class SpecError(Exception):
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self.text = text
-
-
-def _located(message: str | None, file: str | None, line: int | None, fallback: str) -> str:
-    text = message or "(no error message)"
-    first = text.split("\n", 1)[0]
-    if file and line and f":{line}:" not in first:
-        text = f"{file}:{line}: {text}"
-    return text or fallback
-
-
-def _render(o: Outcome | SpecResult, where: str, spec_file: str) -> str:
-    """Lua errors get their traceback; assertion failures only when they happened outside
-    the spec file (in a driver module), to show which spec line led there."""
-    text = _located(o.message, o.file, o.line, where)
-    shows_trace = o.status == "error" or (o.file is not None and o.file != spec_file)
-    if shows_trace and o.trace and o.trace.strip() != "stack traceback:":
-        text += "\n" + o.trace
-    return text
-
-
-def _render_hook(o: Outcome, where: str, spec_file: str) -> str:
-    block = f" of '{o.block}'" if o.block else (" of the file" if o.block == "" else "")
-    return f"{o.hook or 'hook'}{block} failed ({o.status}):\n{_render(o, where, spec_file)}"
 
 
 class SpecItem(pytest.Item):

@@ -235,6 +235,33 @@ class _SpecHost:
         return text.encode()
 
 
+class _LazyKit:
+    """The driver test kit's host side, made when a spec first uses it: importing it (the
+    supervisor's parts, asyncio) was a third of `hubhost test`'s start-up, and most spec
+    files of libraries never load a driver."""
+
+    def __init__(self, sb: Sandbox, spec_path: Path) -> None:
+        self.sb, self.spec_path = sb, spec_path
+        self.kit: Any = None
+        sb.expose(testkit_load=self.load, testkit_op=self.op)
+        caps = sb.lua.table()
+        caps[b"testkit"] = sb.lua.table_from({b"load": sb.host[b"testkit_load"], b"op": sb.host[b"testkit_op"]})
+        sb.sb.set_library_caps(caps)
+
+    def _kit(self) -> Any:
+        if self.kit is None:
+            from hubhost.testing import testkit  # here: testkit imports this module
+
+            self.kit = testkit.install(self.sb, self.spec_path)
+        return self.kit
+
+    def load(self, *args: Any) -> Any:
+        return self._kit().load(*args)
+
+    def op(self, *args: Any) -> Any:
+        return self._kit().op(*args)
+
+
 _SPECENV = Path(__file__).resolve().parent / "specenv.lua"
 
 
@@ -246,9 +273,7 @@ def _new_spec_env(spec_path: Path) -> tuple[Sandbox, Any, Callable[[bytes, str, 
     sb = Sandbox(driver_root(spec_path), on_print=lambda text: holder[0].print_line(text))
     host = _SpecHost(sb, spec_path)
     holder.append(host)
-    from hubhost.testing import testkit  # here, not at the top: testkit imports this module
-
-    testkit.install(sb, spec_path)   # `require "hubhost.test"`: the driver test kit
+    _LazyKit(sb, spec_path)   # `require "hubhost.test"`: the driver test kit, on first use
     env = sb.new_env()
     sb.expose(spec_read_bytes=host.read_bytes, spec_read_source=host.read_source,
               spec_search_path=host.search_path, spec_searchpath=host.searchpath,
