@@ -88,10 +88,13 @@ def plan(argv: Sequence[str]) -> Plan | None:
     if not targets:
         targets = [Path.cwd().resolve()]
     anchors = [t if t.is_dir() else t.parent for t in targets]
-    rootdir = Path(os.path.commonpath([str(a) for a in anchors]))
-    for d in (rootdir, *rootdir.parents):
-        if any((d / name).exists() for name in _CONFIG_FILES if name != "conftest.py"):
-            return None
+    # pytest's rootdir without a config file: the common ancestor of the arguments and
+    # the invocation folder; any config file from the arguments upwards would change that
+    rootdir = Path(os.path.commonpath([str(Path.cwd().resolve()), *(str(a) for a in anchors)]))
+    for anchor in anchors:
+        for d in (anchor, *anchor.parents):
+            if any((d / name).exists() for name in _CONFIG_FILES if name != "conftest.py"):
+                return None
     # conftest.py files between the rootdir and each target are loaded by pytest too
     for a in anchors:
         for d in (a, *a.parents):
@@ -218,7 +221,7 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
             r = results[tid]
             nodeid = f"{path_text}::{pp.item_name(tid)}"
             where = f"{fr.path.name}:{t.line}"
-            it = _Item(nodeid=nodeid, domain=tid, where=f"{path_text}:{t.line}", output=r.output)
+            it = _Item(nodeid=nodeid, domain=pp.head_line(tid), where=f"{path_text}:{t.line}", output=r.output)
             if r.setup is not None:
                 it.setup_error = pp.render_hook(r.setup, where, spec_file)
             elif r.status == "pending":
@@ -237,34 +240,37 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
                 chars += "E"
             pct = f"[{done * 100 // total:3d}%]"
             if p.verbosity >= 1:
+                if it.outcome == "skipped" and not it.setup_error:
+                    words += f" ({it.text})"
                 for w in ([words] + (["ERROR"] if it.teardown_error else [])):
                     left = f"{nodeid} {w}"
-                    out.write(left + " " * max(width - len(left) - len(pct), 1) + pct + "\n")
+                    out.write(left + " " * max(width - 1 - len(left) - len(pct), 1) + pct + "\n")
             elif p.verbosity == 0:
                 line += chars
             else:
                 line += chars
         if p.verbosity == 0 and tests:
             pct = f"[{done * 100 // total:3d}%]"
-            out.write(line + " " * max(width - len(line) - len(pct), 1) + pct + "\n")
+            out.write(line + " " * max(width - 1 - len(line) - len(pct), 1) + pct + "\n")
         elif p.verbosity < 0 and tests:
             out.write(line)
     if p.verbosity < 0 and total:
         pct = f"[{done * 100 // total:3d}%]"
-        out.write(" " * max(width - done % width - len(pct), 1) + pct + "\n")
+        out.write(" " * max(width - 2 - done % width - len(pct), 1) + pct + "\n")
     items = report.items
     errors = [(i, "setup", i.setup_error) for i in items if i.setup_error] + \
              [(i, "teardown", i.teardown_error) for i in items if i.teardown_error]
     if errors:
-        out.write("\n" + _sep("=", "ERRORS", width) + "\n")
+        out.write(("\n" if p.verbosity >= 0 else "") + _sep("=", "ERRORS", width) + "\n")
         for it, when, text in sorted(errors, key=lambda e: items.index(e[0])):
             out.write(_sep("_", f"ERROR at {when} of {it.domain}", width) + "\n")
             out.write(f"{text}\n")
-            if it.output and when == "setup":
-                out.write(_sep("-", "Captured stdout setup", width) + "\n" + it.output)
+            if it.output:
+                out.write(_sep("-", f"Captured stdout {'setup' if when == 'setup' else 'call'}", width)
+                          + "\n" + it.output)
     failures = [i for i in items if i.outcome == "failed" and not i.setup_error]
     if failures:
-        out.write(("\n" if not errors else "") + _sep("=", "FAILURES", width) + "\n")
+        out.write(("\n" if not errors and p.verbosity >= 0 else "") + _sep("=", "FAILURES", width) + "\n")
         for it in failures:
             out.write(_sep("_", it.domain, width) + "\n")
             out.write(f"{it.text}\n")

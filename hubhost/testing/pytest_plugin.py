@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from hubhost.testing import specrun
+from hubhost.testing.render import head_line
 from hubhost.testing.render import item_name as _item_name
 from hubhost.testing.render import render as _render
 from hubhost.testing.render import render_hook as _render_hook
@@ -183,7 +184,4 @@ class SpecItem(pytest.Item):
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
-        # pytest -v shows a node id whose tail equals this name with "." turned into "::"
-        # (Python's module.Class.test); a trailing space keeps "parses 1.5" as it is written
-        domain = self.spec.id + " " if "." in self.spec.id else self.spec.id
-        return self.path, (self.spec.line - 1 if self.spec.line else None), domain
+        return self.path, (self.spec.line - 1 if self.spec.line else None), head_line(self.spec.id)

@@ -11,6 +11,13 @@ def item_name(spec_id: str) -> str:
     return spec_id.replace("::", ": :")
 
 
+def head_line(spec_id: str) -> str:
+    """The item's pytest "domain" (section headers). pytest -v shows a node id whose tail
+    equals it with "." turned into "::" (Python's module.Class.test); a trailing space
+    keeps a name like "parses 1.5" as it is written."""
+    return spec_id + " " if "." in spec_id else spec_id
+
+
 def _located(message: str | None, file: str | None, line: int | None, fallback: str) -> str:
     text = message or "(no error message)"
     first = text.split("\n", 1)[0]
