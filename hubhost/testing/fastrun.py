@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TextIO
 
@@ -132,11 +132,6 @@ class _Item:
     output: str = ""
 
 
-@dataclass
-class _Report:
-    items: list[_Item] = field(default_factory=list)
-
-
 def _counts(items: list[_Item]) -> dict[str, int]:
     c = {"failed": 0, "passed": 0, "skipped": 0, "error": 0}
     for it in items:
@@ -207,7 +202,7 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
         total += 1 if fr.load_error is not None else len(fr.tests)
     if p.verbosity >= 0:
         out.write(f"collected {total} item{'s' if total != 1 else ''}\n\n")
-    report = _Report()
+    items: list[_Item] = []
     done = 0
     for fr in runs:
         spec_file = specrun.display_name(fr.path)
@@ -232,7 +227,7 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
                 it.text = pp.render(r, where, spec_file)
             if r.teardown is not None:
                 it.teardown_error = pp.render_hook(r.teardown, where, spec_file)
-            report.items.append(it)
+            items.append(it)
             done += 1
             chars = "E" if it.setup_error else {"passed": ".", "failed": "F", "skipped": "s"}[it.outcome]
             words = "ERROR" if it.setup_error else it.outcome.upper()
@@ -245,8 +240,6 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
                 for w in ([words] + (["ERROR"] if it.teardown_error else [])):
                     left = f"{nodeid} {w}"
                     out.write(left + " " * max(width - 1 - len(left) - len(pct), 1) + pct + "\n")
-            elif p.verbosity == 0:
-                line += chars
             else:
                 line += chars
         if p.verbosity == 0 and tests:
@@ -257,7 +250,6 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
     if p.verbosity < 0 and total:
         pct = f"[{done * 100 // total:3d}%]"
         out.write(" " * max(width - 2 - done % width - len(pct), 1) + pct + "\n")
-    items = report.items
     errors = [(i, "setup", i.setup_error) for i in items if i.setup_error] + \
              [(i, "teardown", i.teardown_error) for i in items if i.teardown_error]
     if errors:
