@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-# asyncio and orjson are imported by the commands that use them: `hubhost test` starts
-# without them (a tenth of a second on a hub)
+if TYPE_CHECKING:
+    import argparse
+
+# argparse, asyncio and orjson are imported where they are used: `hubhost test` (which
+# never parses with argparse) starts without them, a tenth of a second on a hub
 from hubhost import __version__, logs, paths
 
 log = logging.getLogger("hubhost")
@@ -131,6 +133,8 @@ def _cmd_datastore(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog="hubhost", description="Embedded Lua driver host for edge hubs.")
     p.add_argument("--version", action="version", version=f"hubhost {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
