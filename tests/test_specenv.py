@@ -173,6 +173,10 @@ def test_the_spec_environment(pytester: pytest.Pytester) -> None:
     """)
     write(root, "drv/vendor/extra.lua", "return { extra = true }")
     write(root, "drv/spec/fixtures/data.lua", "return { answer = 42, env_has_describe = describe ~= nil }")
+    write(root, "drv/spec/helper.lua", """
+        package.preload["from.helper"] = function() return "preloaded by a helper" end
+        return { sees_package = package ~= nil, sees_describe = describe ~= nil, sees_io = io ~= nil }
+    """)
     write(root, "drv/spec/env_spec.lua", """
         local driver = require "init"
         describe("specs see", function()
@@ -181,6 +185,11 @@ def test_the_spec_environment(pytester: pytest.Pytester) -> None:
             assert.are.equal(assert, package.loaded["luassert"])
             assert.is_string(package.path)
             assert.is_string(package.cpath)
+          end)
+          it("a helper in the spec folder is test code too", function()
+            assert.are.same({ sees_package = true, sees_describe = true, sees_io = true },
+                            require "spec.helper")
+            assert.are.equal("preloaded by a helper", require "from.helper")
           end)
           it("package.preload, honoured by require here and in driver code", function()
             package.preload["fake.serial"] = function(name) return { name = name } end
@@ -255,7 +264,7 @@ def test_the_spec_environment(pytester: pytest.Pytester) -> None:
         end)
     """)
     result = run(pytester, "drv", "-rA")
-    result.assert_outcomes(passed=11)
+    result.assert_outcomes(passed=12)
     result.stdout.fnmatch_lines([
         "*_ specs see > io.write, io.stdout and io.stderr in the test's captured output *_",
         "*Captured stdout call*",
