@@ -203,7 +203,7 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
     if p.verbosity >= 0:
         out.write(f"collected {total} item{'s' if total != 1 else ''}\n\n")
     items: list[_Item] = []
-    done = 0
+    done = written = 0
     for fr in runs:
         spec_file = specrun.display_name(fr.path)
         path_text = rel(fr.path)
@@ -247,9 +247,10 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
             out.write(line + " " * max(width - 1 - len(line) - len(pct), 1) + pct + "\n")
         elif p.verbosity < 0 and tests:
             out.write(line)
+            written += len(line)
     if p.verbosity < 0 and total:
         pct = f"[{done * 100 // total:3d}%]"
-        out.write(" " * max(width - 2 - done % width - len(pct), 1) + pct + "\n")
+        out.write(" " * max(width - 1 - written % width - len(pct), 1) + pct + "\n")
     errors = [(i, "setup", i.setup_error) for i in items if i.setup_error] + \
              [(i, "teardown", i.teardown_error) for i in items if i.teardown_error]
     if errors:
@@ -275,6 +276,8 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
         for it, _, text in errors:
             out.write(_short("ERROR", it.nodeid, text, width) + "\n")
     c = _counts(items)
+    if not (failures or errors) and p.verbosity >= 0:
+        out.write("\n")
     elapsed = time.perf_counter() - start
     summary = f"{_summary_words(c)} in {elapsed:.2f}s"
     if p.verbosity < 0:
