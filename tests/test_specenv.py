@@ -296,18 +296,26 @@ def test_nested_spec_folders_resolve_from_the_driver_root(tmp_path: Path) -> Non
 
 def test_a_library_folder_without_init_lua(tmp_path: Path) -> None:
     """`hubhost test LIB` runs a library's suite: its modules from the folder above spec/,
-    or from src/ as busted's default lpath has it (./src/?.lua, ./src/?/init.lua)."""
+    from src/ as busted's default lpath has it (./src/?.lua, ./src/?/init.lua), or from
+    the lpath of the project's .busted file, which busted puts in front."""
     write(tmp_path, "lib/src/strs/init.lua", "return { up = string.upper }")
     write(tmp_path, "lib/plain.lua", "return { value = 1 }")
+    write(tmp_path, "lib/lua/deep/mod.lua", "return { deep = true }")
+    write(tmp_path, "lib/.busted", 'return { default = { lpath = "./lua/?.lua;./lua/?/init.lua" } }')
     write(tmp_path, "lib/spec/lib_spec.lua", """
         describe("the library", function()
           it("from src/", function() assert.are.equal("AB", require("strs").up("ab")) end)
           it("from the root", function() assert.are.equal(1, require("plain").value) end)
+          it("from .busted's lpath", function()
+            assert.is_true(require("deep.mod").deep)
+            assert.are.equal("./lua/?.lua;./lua/?/init.lua;./src/?.lua",
+                             package.path:sub(1, #"./lua/?.lua;./lua/?/init.lua;./src/?.lua"))
+          end)
         end)
     """)
     proc = hubhost_test(tmp_path, "lib")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"= 2 passed in", proc.stdout), proc.stdout
+    assert re.search(r"= 3 passed in", proc.stdout), proc.stdout
 
 
 # -- the fast path of `hubhost test` ----------------------------------------------------

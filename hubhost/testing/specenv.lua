@@ -74,6 +74,19 @@ local function path_loader(name)
   return fn, str_sub(chunkname, 2)
 end
 
+-- busted reads the project's .busted file; its default task's lpath goes in front of
+-- package.path, as `busted --lpath` would put it (other settings are busted's CLI's)
+do
+  local src, chunkname = host.read_source(".busted")
+  local fn = src and compile(src, chunkname, {}, true, true)
+  local ok, conf = false, nil
+  if fn then ok, conf = pcall(fn) end
+  local lpath = ok and type(conf) == "table" and type(conf.default) == "table" and conf.default.lpath
+  if type(lpath) == "string" and lpath ~= "" then
+    package.path = str_gsub(lpath .. ";" .. package.path, ";;", ";")
+  end
+end
+
 package.loaders = { preload_loader, library_loader, path_loader }
 package.searchers = package.loaders
 
