@@ -65,6 +65,10 @@ def _cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
+_NO_SPECS = ("hubhost test: no specs found: specs are Lua files named *_spec.lua, usually in "
+             "the driver's spec/ folder (see docs/driver-guide.md)")
+
+
 def run_tests(argv: Sequence[str]) -> int:
     """`hubhost test [PATHS...] [PYTEST OPTIONS...]`: pytest with the spec plugin, for driver
     authors who never touch Python. Everything is passed to pytest as given (so `-k`, `-x`,
@@ -80,10 +84,13 @@ def run_tests(argv: Sequence[str]) -> int:
     plan = fastrun.plan(args)
     if plan is not None and plan.files:
         try:
-            return fastrun.run(plan)
+            code = fastrun.run(plan)
         except KeyboardInterrupt:
             print("hubhost test: interrupted", file=sys.stderr)
             return fastrun.EXIT_INTERRUPTED
+        if code == fastrun.EXIT_NO_TESTS:
+            print(_NO_SPECS, file=sys.stderr)
+        return code
     try:
         import pytest
     except ImportError:
@@ -98,8 +105,7 @@ def run_tests(argv: Sequence[str]) -> int:
     counter = _Collected()
     code = int(pytest.main([*extra, *args], plugins=[counter]))
     if code == int(pytest.ExitCode.NO_TESTS_COLLECTED) and counter.items == 0:
-        print("hubhost test: no specs found: specs are Lua files named *_spec.lua, usually in "
-              "the driver's spec/ folder (see docs/driver-guide.md)", file=sys.stderr)
+        print(_NO_SPECS, file=sys.stderr)
     return code
 
 

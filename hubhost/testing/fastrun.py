@@ -276,7 +276,7 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
         for it, _, text in errors:
             out.write(_short("ERROR", it.nodeid, text, width) + "\n")
     c = _counts(items)
-    if not (failures or errors) and p.verbosity >= 0:
+    if not (failures or errors) and p.verbosity >= 0 and total:
         out.write("\n")
     elapsed = time.perf_counter() - start
     summary = f"{_summary_words(c)} in {elapsed:.2f}s"
