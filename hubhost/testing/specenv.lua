@@ -80,7 +80,11 @@ do
   local src, chunkname = host.read_source(".busted")
   local fn = src and compile(src, chunkname, {}, true, true)
   local ok, conf = false, nil
-  if fn then ok, conf = pcall(fn) end
+  if fn then
+    sandbox.arm(5, ".busted")       -- the CPU budget: a looping config cannot hang the run
+    ok, conf = pcall(fn)
+    sandbox.disarm()
+  end
   local lpath = ok and type(conf) == "table" and type(conf.default) == "table" and conf.default.lpath
   if type(lpath) == "string" and lpath ~= "" then
     package.path = str_gsub(lpath .. ";" .. package.path, ";;", ";")
