@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import orjson
+if TYPE_CHECKING:
+    import argparse
 
+# argparse, asyncio and orjson are imported where they are used: `hubhost test` (which
+# never parses with argparse) starts without them, a tenth of a second on a hub
 from hubhost import __version__, logs, paths
 
 log = logging.getLogger("hubhost")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from hubhost import config as config_mod
     from hubhost.hub import run
 
@@ -62,22 +65,38 @@ def _cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
+_NO_SPECS = ("hubhost test: no specs found: specs are Lua files named *_spec.lua, usually in "
+             "the driver's spec/ folder (see docs/driver-guide.md)")
+
+
 def run_tests(argv: Sequence[str]) -> int:
     """`hubhost test [PATHS...] [PYTEST OPTIONS...]`: pytest with the spec plugin, for driver
     authors who never touch Python. Everything is passed to pytest as given (so `-k`, `-x`,
     `--lf` work); with no paths pytest runs the current folder (or the project's testpaths).
-    A `--` before pytest options, as older versions wanted, is dropped."""
+    A `--` before pytest options, as older versions wanted, is dropped. With only paths
+    (and -q/-v) and nothing for pytest there but specs, the fast path runs them without
+    pytest's start-up (hubhost/testing/fastrun.py): same items, results and exit status."""
     import os
 
+    args = [a for a in argv if a != "--"] if "--" in argv else list(argv)
+    from hubhost.testing import fastrun
+
+    plan = fastrun.plan(args)
+    if plan is not None and plan.files:
+        try:
+            code = fastrun.run(plan)
+        except KeyboardInterrupt:
+            print("hubhost test: interrupted", file=sys.stderr)
+            return fastrun.EXIT_INTERRUPTED
+        if code == fastrun.EXIT_NO_TESTS:
+            print(_NO_SPECS, file=sys.stderr)
+        return code
     try:
         import pytest
     except ImportError:
         print("hubhost test: pytest is not installed; install it with "
               "`pip install 'hubhost[test]'` (or `pip install pytest`)", file=sys.stderr)
         return 2
-    args = list(argv)
-    if "--" in args:
-        args.remove("--")
     # hubhost is imported already (this module), so pytest cannot rewrite the plugin's asserts;
     # its warning would only puzzle an author
     extra = ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
@@ -86,8 +105,7 @@ def run_tests(argv: Sequence[str]) -> int:
     counter = _Collected()
     code = int(pytest.main([*extra, *args], plugins=[counter]))
     if code == int(pytest.ExitCode.NO_TESTS_COLLECTED) and counter.items == 0:
-        print("hubhost test: no specs found: specs are Lua files named *_spec.lua, usually in "
-              "the driver's spec/ folder (see docs/driver-guide.md)", file=sys.stderr)
+        print(_NO_SPECS, file=sys.stderr)
     return code
 
 
@@ -106,6 +124,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 
 def _cmd_datastore(args: argparse.Namespace) -> int:
+    import orjson
+
     from hubhost.state.datastore import read_store_file
 
     state = paths.state_dir(args.state_dir)
@@ -119,6 +139,8 @@ def _cmd_datastore(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog="hubhost", description="Embedded Lua driver host for edge hubs.")
     p.add_argument("--version", action="version", version=f"hubhost {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

@@ -389,6 +389,7 @@ function M.set_library_caps(caps) library_caps = caps end
 
 local loaded = {}          -- module name -> value, shared by this runtime's environments
 local loading = {}
+M.loaded = loaded          -- the spec runner's package.loaded (hubhost/testing/specenv.lua)
 
 local function copy(t)
   local c = {}
