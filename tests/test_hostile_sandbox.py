@@ -829,7 +829,7 @@ def test_log_text_is_one_escaped_capped_line(tmp_path: Path) -> None:
     assert all("\n" not in line and "\r" not in line and "\x1b" not in line and "\x00" not in line
                and "\u2028" not in line for line in lines), lines
     assert lines[0] == "[hostile] a\\n[innocent] FORGED LINE\\r\\e[31mred\\x00nul\\u2028ls"
-    assert lines[1] == "[hostile] p\\nq\t\\e]0;title\\x07".replace("\t", "\\t")
+    assert lines[1] == "[hostile] p\\nq\t\\e]0;title\\x07"     # a tab stays a tab: it cannot start a line
     assert lines[2].startswith("[hostile/d1] yyy") and lines[2].endswith(
         "... [truncated: 20000 characters in all]") and len(lines[2]) < 8300
     assert "boom\\n[innocent] FORGED" in lines[3]

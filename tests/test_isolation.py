@@ -91,6 +91,7 @@ ATTACKS = {
         table.sort(t, function(a, b) cmp_calls = cmp_calls + 1 return a < b end)
     """,
     "forged_wait_token": """
+        d:call_with_delay(0.3, function() log.info("ATTACK survived") end)   -- the driver goes on
         local _, W = coroutine.resume(coroutine.create(function() driver_helper.sleep(0) end))
         coroutine.yield(W, "host", "save", {999999, "not json\\0"})
     """,
@@ -180,6 +181,10 @@ def test_attack_is_contained(tmp_path: Path, name: str) -> None:
     finally:
         code, took = hub.stop()
     assert took < 10.0
+    # the attacker's own datastore is still a JSON object holding what it really saved
+    import json
+    stored = json.loads((tmp_path / "state" / "drivers" / "attacker" / "datastore.json").read_bytes())
+    assert stored.get("attacked") is True
 
 
 SAVER = """

@@ -40,7 +40,8 @@ DEFAULT_LIMITS: dict[str, int] = {
 }
 
 MAX_LOG_TEXT = 8 * 1024               # characters of one log record from a driver
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# every control character but the tab (which cannot start a line or drive a terminal)
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 
 

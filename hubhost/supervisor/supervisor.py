@@ -53,7 +53,7 @@ MAX_STATUS_NAME = 256
 MAX_LOG_LINE = 8 << 10        # characters per log record (longer ones are cut, with a marker)
 MAX_RESULT = 16 << 20         # bytes of JSON text per function result
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def escape_line(text: str, cap: int = MAX_LOG_LINE) -> str:
