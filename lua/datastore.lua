@@ -746,8 +746,15 @@ end
 
 local function dirty() return changed or disk_seq < snap_seq end
 
+local pcall = pcall
 local function snapshot()
-  local json = encode_root(get_root())
+  local ok, json = pcall(encode_root, get_root())
+  if not ok then
+    -- out of memory, most likely: give the half-grown buffers back before reporting it
+    out_buf:free()
+    top_buf:free()
+    error(json, 0)
+  end
   snap_seq = snap_seq + 1
   changed = false
   return json, snap_seq
@@ -848,7 +855,15 @@ end
 
 H.written = written
 H.is_dirty = dirty
-function H.encode() return encode_root(get_root()) end
+function H.encode()
+  local ok, s = pcall(encode_root, get_root())
+  if not ok then
+    out_buf:free()
+    top_buf:free()
+    error(s, 0)
+  end
+  return s
+end
 H.is_node = is_node
 
 caps.datastore_host = H
