@@ -18,6 +18,7 @@ log = logging.getLogger("hubhost")
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from hubhost import config as config_mod
+    from hubhost.state.lock import StateDirError, StateDirLock
     from hubhost.supervisor.hub import run
 
     if args.demo and args.config:
@@ -34,11 +35,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"hubhost: config refused: {e}", file=sys.stderr)
         return 2
     logs.setup(args.log_level or cfg.log_level)
-    state = paths.state_dir(args.state_dir, cfg.state_dir)
+    demo_tmp: str | None = None
+    if args.demo and not args.state_dir:
+        # the demo never touches the user's real state: its driver ids (e.g. `projectors`)
+        # would otherwise leave devices that a later real hub sees as `removed`
+        import tempfile
+
+        demo_tmp = tempfile.mkdtemp(prefix="hubhost-demo-")
+        state = Path(demo_tmp)
+        print(f"hubhost: demo state in {state} (a fresh temporary folder, removed when the demo "
+              "stops; give --state-dir to keep it)", file=sys.stderr)
+    else:
+        state = paths.state_dir(args.state_dir, cfg.state_dir)
+    lock = StateDirLock(state)
+    try:
+        lock.acquire()
+    except StateDirError as e:
+        print(f"hubhost: {e}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(run(cfg, state, demo=args.demo))
     except KeyboardInterrupt:
         return 0
+    except OSError as e:   # a socket path, a port or a folder the hub cannot use
+        print(f"hubhost: cannot run the hub: {e}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+        if demo_tmp is not None:
+            import shutil
+
+            shutil.rmtree(demo_tmp, ignore_errors=True)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
