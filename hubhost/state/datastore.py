@@ -439,6 +439,7 @@ class DatastoreService:
         self.files: dict[str, StoreFile] = {}
         self.bindings: dict[str, DatastoreBinding] = {}
         self.due: dict[str, float] = {}
+        self.unflushed: dict[str, str] = {}   # driver id -> why its changes were lost at shutdown
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="datastore-writer")
         sup.runtime_hooks.append(self._on_runtime)
@@ -554,9 +555,13 @@ class DatastoreService:
         try:
             await asyncio.wait_for(actor.call(loop, b.flush_now), 8.0)
         except asyncio.TimeoutError:
+            self.unflushed[slot.id] = "the driver thread was busy"
             log.error("[%s] the driver thread is busy: datastore not flushed at shutdown", slot.id)
         except (OSError, StaleWriter) as e:
+            self.unflushed[slot.id] = str(e)
             log.error("[%s] datastore not flushed at shutdown: %s", slot.id, e)
+        else:
+            self.unflushed.pop(slot.id, None)
 
     def _on_ready(self, sup: "Supervisor") -> None:
         sup.spawn(self._flusher())

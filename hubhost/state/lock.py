@@ -78,8 +78,11 @@ class StateDirLock:
                 who = f"pid {pid}" if pid else "another process"
                 raise StateDirLocked(f"state dir {self.state_dir} is in use by another hub ({who} holds "
                                      f"{self.path}); refusing to start a second hub on it", pid) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:   # the pid only names us in a second hub's error; a full disk must not stop us
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass
         except BaseException:
             os.close(fd)
             raise

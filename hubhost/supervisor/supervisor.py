@@ -183,7 +183,10 @@ class DriverSlot:
                                             config=info.get("config", {})))
         for dev in self.cfg.devices:
             rt.start_device(dev, dev.id not in known)
-        self._save_known_devices(known)
+        try:
+            self._save_known_devices(known)
+        except OSError as e:   # the devices run; the list is written again at the next start
+            log.error("[%s] could not record the known devices: %s", self.id, e)
 
     def _known_devices(self) -> dict[str, dict[str, Any]]:
         f = self.state_dir / "devices.json"
@@ -251,7 +254,15 @@ class DriverSlot:
             self.restart_handle.cancel()
         rt, actor = self.rt, self.actor
         self._cancel_all()
-        if rt is not None and actor is not None and self.state in ("running", "starting"):
+        if actor is not None and self.state == "starting":
+            # still in its entry chunk or init: no handler finished, so nothing of it needs
+            # flushing, and its busy thread would only hold the shutdown up
+            log.warning("[%s] stopped while still starting; its start-up is abandoned", self.id)
+            actor.abandoned = True
+            actor.stop()
+            self.state = "stopped"
+            return
+        if rt is not None and actor is not None and self.state == "running":
             self.state = "stopping"
             try:
                 await asyncio.wait_for(actor.call(self.loop, rt.shutdown),
@@ -329,7 +340,8 @@ class Supervisor:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._stop_event = asyncio.Event()
+        if self._stop_event is None:
+            self._stop_event = asyncio.Event()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for hook in self.pre_start_hooks:
             r = hook()
@@ -450,6 +462,7 @@ def _debug_stall(sup: Supervisor) -> None:
 async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Supervisor], Any] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     sup = Supervisor(config, state_dir)
+    sup._stop_event = asyncio.Event()   # a signal during setup or start-up is not lost
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sup.request_stop)
@@ -460,17 +473,38 @@ async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Superv
         r = setup(sup)
         if asyncio.iscoroutine(r):
             await r
-    await sup.start()
-    await sup.wait_stopped()
+    # a stop request is honoured while drivers are still starting (a slow entry chunk, a
+    # state file that takes long to read): start-up is abandoned, not waited for
+    starting = asyncio.ensure_future(sup.start())
+    stopped = asyncio.ensure_future(sup.wait_stopped())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stop requested during start-up; abandoning the drivers still starting")
+        starting.cancel()
+        try:
+            await starting
+        except BaseException:  # noqa: BLE001 - cancelled, or a start-up error: we stop anyway
+            pass
+    elif starting.exception() is not None:
+        stopped.cancel()
+        raise starting.exception()  # type: ignore[misc]
+    await stopped
     log.info("stopping (signal received)")
+    code = 0
     try:
         await asyncio.wait_for(sup.stop(), 9.0)
     except asyncio.TimeoutError:
         log.error("shutdown did not finish within 9 s; exiting anyway")
+        code = 1
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
+    lost = dict(getattr(getattr(sup, "datastore", None), "unflushed", None) or {})
+    if lost:
+        log.error("stopped; changes of %d driver%s were NOT written to disk: %s", len(lost),
+                  "" if len(lost) == 1 else "s", "; ".join(f"{k} ({v})" for k, v in sorted(lost.items())))
+        return 1
     log.info("stopped")
-    return 0
+    return code
 
 
 __all__ = ["Supervisor", "DriverSlot", "run_hub"]
