@@ -355,11 +355,17 @@ function M.invoke(driver, device_id, name, args, call_id)
     return report(false, "driver has no function " .. tostring(name) .. " for device " .. tostring(device_id))
   end
   -- The message handler runs before a CPU-limit abort is re-raised past us: report then.
+  -- Not for an out-of-memory error: the handler's memory is still live in the message
+  -- handler, and a crossing into Python that cannot allocate breaks lupa (a stale GIL);
+  -- that one is reported after the unwinding and a full collection.
   local ok, res = xpcall(spec.handler, function(m)
     local msg = tostring(m)
-    report(false, msg)
+    if msg ~= "not enough memory" then report(false, msg) end
     return msg
   end, driver, device, args)
+  if not ok and res == "not enough memory" and caps.collect_garbage then
+    caps.collect_garbage()
+  end
   if not ok then
     caps.log("warn", device_id, "function " .. name .. " failed: " .. tostring(res))
     return report(false, tostring(res))

@@ -535,3 +535,28 @@ def test_unusable_state_dir_and_socket_path_give_one_line_and_exit_2(tmp_path: P
         lines = r.stderr.decode().strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and str(mnt / "state") in lines[0], lines
         assert "Read-only file system" in lines[0]
+
+
+# -- out of memory, then a normal event, in a real hub ----------------------------------------
+
+def test_after_an_out_of_memory_abort_the_hub_serves_the_next_call(tmp_path: Path) -> None:
+    oom = ROOT / "tests" / "lua" / "oomdriver"
+    state = tmp_path / "state"
+    cfg = config(tmp_path, [("d1", oom, 'max_memory = "16MiB"'),
+                            ("healthy", driver(tmp_path, "healthy", HEALTHY), "")])
+
+    def exec_(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([PY, "-m", "hubhost", "exec", "--state-dir", str(state), "--timeout", "20",
+                               "d1-dev", *args], env=env(), capture_output=True, timeout=60)
+
+    with hub(tmp_path, cfg, state) as h:
+        h.wait_for("drivers running", 30)
+        for n in (100000, 16000, 100000):
+            r = exec_("big", f"n={n}")
+            assert b"not enough memory" in r.stdout + r.stderr, (r.stdout, r.stderr)
+            t0 = time.monotonic()
+            r = exec_("echo", "v=1")
+            assert r.returncode == 0 and r.stdout.strip() == b"1", (r.stdout, r.stderr, h.text()[-2000:])
+            assert time.monotonic() - t0 < 5
+        assert h.stop() == 0
+    assert "Traceback" not in h.text()
