@@ -10,13 +10,14 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from drivers_datastore.kit import Kit, NullPort, text
 from hubhost.sandbox.runtime import DeviceInfo, DriverRuntime
 from hubhost.sandbox.sandbox import to_lua
 from hubutil import write_driver
+from hypo import examples
 
 PREFIX = "Values must be JSON encodable: "
 
@@ -175,8 +176,10 @@ def plain_encode(kit: Kit) -> Any:
     return kit.fn('local json = require "hubhost.json" return function(v) return json.encode(v) end')
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=JSONS)
+@example(value=[3.236972837342524e-194, 3.236972837342524e-194, 3.738519683296515e+16])  # issue 12
+@example(value=[[False, False, False]])
 def test_round_trip_through_orjson(kit: Kit, plain_encode: Any, value: Any) -> None:
     out = text(plain_encode(to_lua(kit.rt.lua, value)))
     back = orjson.loads(out)
