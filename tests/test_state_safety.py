@@ -560,3 +560,36 @@ def test_after_an_out_of_memory_abort_the_hub_serves_the_next_call(tmp_path: Pat
             assert time.monotonic() - t0 < 5
         assert h.stop() == 0
     assert "Traceback" not in h.text()
+
+
+# -- a store that outgrows max_memory while running -------------------------------------------
+
+def test_a_store_that_outgrows_max_memory_fails_its_flush_clearly_and_recovers(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from drivers_datastore.kit import BASIC, NullPort
+    from hubhost.sandbox.runtime import DriverRuntime
+    from hubhost.state.datastore import DatastoreBinding, StoreTooLarge
+
+    folder = tmp_path / "drivers" / "grow"
+    rt = DriverRuntime("grow", BASIC, NullPort(), max_memory=16 * 1024 * 1024)
+    b = DatastoreBinding(rt, folder)
+    rt.load()
+    run = rt.sandbox.compile(b"local ds = require('datastore').init() ds.small = 'yes'", "t", rt.sandbox.new_env())
+    run()
+    assert b.flush_now()
+    before = sha(folder / FILE)
+    grow = rt.sandbox.compile(b"local ds = require('datastore').init() "
+                              b"for i = 1, 6 do ds['k' .. i] = string.rep(string.char(64 + i), 1000000) end",
+                              "t", rt.sandbox.new_env())
+    grow()
+    with pytest.raises(StoreTooLarge) as err:
+        b.flush_now()
+    msg = str(err.value)
+    assert "[grow]" in msg and "16.0 MiB" in msg and "could not be encoded" in msg
+    assert f"{(folder / FILE).stat().st_size} bytes" in msg
+    assert sha(folder / FILE) == before and b.is_dirty()
+    shrink = rt.sandbox.compile(b"local ds = require('datastore').init() for i = 2, 6 do ds['k' .. i] = nil end",
+                                "t", rt.sandbox.new_env())
+    shrink()
+    assert b.flush_now()            # the runtime and the store work again
+    assert set(orjson.loads((folder / FILE).read_bytes())) == {"small", "k1"}
