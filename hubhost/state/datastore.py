@@ -604,8 +604,11 @@ def read_store_file(driver_state_dir: Path) -> Any:
     problems = []
     for f in (main, bak):
         try:
-            raw = f.read_bytes()
-        except FileNotFoundError:
+            raw = atomicfile.read_regular(f)   # a FIFO must not hang `hubhost datastore`
+        except OSError as e:
+            problems.append(str(e))
+            continue
+        if raw is None:
             problems.append(f"{f} does not exist")
             continue
         problem = check_text(raw)

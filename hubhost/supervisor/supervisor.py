@@ -191,10 +191,11 @@ class DriverSlot:
     def _known_devices(self) -> dict[str, dict[str, Any]]:
         f = self.state_dir / "devices.json"
         try:
-            data = orjson.loads(f.read_bytes())
+            raw = atomicfile.read_regular(f)   # never blocks on a FIFO, never follows a link
+            if raw is None:
+                return {}
+            data = orjson.loads(raw)
             return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
         except (orjson.JSONDecodeError, OSError) as e:
             log.error("[%s] %s is unreadable (%s); treating every device as new", self.id, f, e)
             return {}
