@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +43,21 @@ class HubProc:
         self.log_path = tmp / f"{name}.log"
         self.log_file = open(self.log_path, "wb")
         cmd = [PY, "-m", "hubhost", "run", "--config", str(config), "--state-dir", str(state), *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=tmp,
+        # under RLIMIT_FSIZE the hub could not write a log file itself: it writes to a pipe
+        # and a thread here copies it
+        out = subprocess.PIPE if preexec is not None else self.log_file
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
                                      env=env(**(extra_env or {})), preexec_fn=preexec)  # type: ignore[arg-type]
+        self.copier: threading.Thread | None = None
+        if preexec is not None:
+            self.copier = threading.Thread(target=self._copy, daemon=True)
+            self.copier.start()
+
+    def _copy(self) -> None:
+        assert self.proc.stdout is not None
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+            self.log_file.write(chunk)
+            self.log_file.flush()
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -71,7 +85,10 @@ class HubProc:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.log_file.close()
+        if self.copier is not None:
+            self.copier.join(10)
+        if not self.log_file.closed:
+            self.log_file.close()
 
 
 @contextlib.contextmanager
@@ -343,7 +360,7 @@ def _can_mount(tmp: Path) -> bool:
 @contextlib.contextmanager
 def small_disk(tmp: Path, size: str = "2m") -> Iterator[Path | None]:
     """A tmpfs of `size` at tmp/disk (None: this process cannot mount; use RLIMIT_FSIZE)."""
-    if os.geteuid() != 0 or not _can_mount(tmp):
+    if os.geteuid() != 0 or os.environ.get("HUBHOST_TEST_NO_TMPFS") == "1" or not _can_mount(tmp):
         yield None
         return
     mnt = tmp / "disk"
@@ -518,6 +535,15 @@ def test_unusable_state_dir_and_socket_path_give_one_line_and_exit_2(tmp_path: P
         lines = r.stderr.decode().strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, lines
         assert str(state) in lines[0] and reason in lines[0]
+    # a config path that is a folder, and a config dir that is a file
+    r = subprocess.run([PY, "-m", "hubhost", "run", "--config", str(tmp_path), "--state-dir", str(tmp_path / "s1")],
+                       env=env(), capture_output=True, timeout=60, cwd=tmp_path)
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and str(tmp_path) in lines[0], lines
+    r = subprocess.run([PY, "-m", "hubhost", "run", "--state-dir", str(tmp_path / "s1")],
+                       env=env(CONFIGURATION_DIRECTORY=str(afile)), capture_output=True, timeout=60, cwd=tmp_path)
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and str(afile / "hub.toml") in lines[0], lines
     # a config whose [api] socket sits in a folder that is a file
     bad = tmp_path / "badsock.toml"
     bad.write_text(cfg.read_text().replace('hub_id = "t12"\n', f'hub_id = "t12"\n[api]\nsocket = "{afile}/hub.sock"\n'))
