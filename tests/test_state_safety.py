@@ -619,3 +619,22 @@ def test_a_store_that_outgrows_max_memory_fails_its_flush_clearly_and_recovers(t
     shrink()
     assert b.flush_now()            # the runtime and the store work again
     assert set(orjson.loads((folder / FILE).read_bytes())) == {"small", "k1"}
+
+
+def test_a_restore_that_hits_a_full_disk_never_rotates_the_corrupt_file_into_the_bak(tmp_path: Path) -> None:
+    from hubhost.state.datastore import StoreFile
+
+    with small_disk(tmp_path, "1m") as mnt:
+        if mnt is None:
+            pytest.skip("needs a tmpfs (root and mount); RLIMIT_FSIZE cannot fail only the restore")
+        folder = mnt / "d"
+        folder.mkdir()
+        (folder / FILE).write_bytes(CORRUPT)
+        (folder / (FILE + ".bak")).write_bytes(GOOD_OLD)
+        fill(mnt)
+        f = StoreFile(folder, "d")
+        assert f.load() == GOOD_OLD and f.restore_failed     # loaded; the write-back failed
+        (mnt / "filler").unlink()
+        f.write(f.attach(), 1, GOOD_NEW)
+        assert (folder / FILE).read_bytes() == GOOD_NEW
+        assert (folder / (FILE + ".bak")).read_bytes() == GOOD_OLD   # not the corrupt one

@@ -176,6 +176,7 @@ class StoreFile:
             raise StoreRefused(f"[{self.driver_id}] cannot use the state folder {self.folder}: "
                                f"{e.strerror or e}") from None
         self._remove_leftovers()
+        self.restore_failed = False
         try:
             raw = atomicfile.read_regular(self.path)
             bak = atomicfile.read_regular(self.bak)
@@ -272,10 +273,14 @@ class StoreFile:
             if seq <= self.written_seq:
                 return False
             try:
-                atomicfile.write_atomic(self.path, data, backup=True)
+                # the main file becomes the .bak only when it is a good generation: after a
+                # failed restore it may still be the corrupt one, and rotating it would
+                # replace the valid .bak
+                atomicfile.write_atomic(self.path, data, backup=not self.restore_failed)
             except OSError as e:
                 self._failed(e)
                 raise
+            self.restore_failed = False
             self.written_seq = seq
             self.writes += 1
             self._succeeded()
