@@ -409,11 +409,17 @@ function M.invoke(driver, device_id, name, args, call_id)
   -- The message handler runs before a CPU-limit abort is re-raised past us: report then.
   -- An error object is turned into text under the budget (error_text): its __tostring is
   -- the driver's, and an abort inside it is reported as the abort.
+  -- Not for an out-of-memory error: the handler's memory is still live in the message
+  -- handler, and a crossing into Python that cannot allocate breaks lupa (a stale GIL);
+  -- that one is reported after the unwinding and a full collection.
   local ok, res = xpcall(spec.handler, function(m)
     local msg = error_text(m)
-    report(false, msg)
+    if msg ~= "not enough memory" then report(false, msg) end
     return msg
   end, driver, device, args)
+  if not ok and res == "not enough memory" and caps.collect_garbage then
+    caps.collect_garbage()
+  end
   if not ok then
     caps.log("warn", device_id, "function " .. name .. " failed: " .. res)
     return report(false, res)

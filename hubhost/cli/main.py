@@ -22,6 +22,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from hubhost import config as config_mod
     from hubhost.hub import run
+    from hubhost.state.lock import StateDirError, StateDirLock
 
     if args.demo and args.config:
         print("hubhost run: give either --config or --demo, not both", file=sys.stderr)
@@ -37,11 +38,86 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"hubhost: config refused: {e}", file=sys.stderr)
         return 2
     logs.setup(args.log_level or cfg.log_level)
-    state = paths.state_dir(args.state_dir, cfg.state_dir)
+    demo_tmp: str | None = None
+    if args.demo and not args.state_dir:
+        # the demo never touches the user's real state: its driver ids (e.g. `projectors`)
+        # would otherwise leave devices that a later real hub sees as `removed`
+        import tempfile
+
+        demo_tmp = tempfile.mkdtemp(prefix="hubhost-demo-")
+        state = Path(demo_tmp)
+        print(f"hubhost: demo state in {state} (a fresh temporary folder, removed when the demo "
+              "stops; give --state-dir to keep it)", file=sys.stderr)
+    else:
+        state = paths.state_dir(args.state_dir, cfg.state_dir)
+    lock = StateDirLock(state)
+    try:
+        lock.acquire()
+    except StateDirError as e:
+        print(f"hubhost: {e}", file=sys.stderr)
+        return 2
+    problem = _socket_problem(cfg, state)
+    if problem is not None:
+        lock.release()
+        print(f"hubhost: {problem}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(run(cfg, state, demo=args.demo))
     except KeyboardInterrupt:
         return 0
+    except OSError as e:   # a socket path, a port or a folder the hub cannot use
+        print(f"hubhost: cannot run the hub: {e}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+        if demo_tmp is not None:
+            import shutil
+
+            shutil.rmtree(demo_tmp, ignore_errors=True)
+
+
+def _socket_problem(cfg: Any, state: Path) -> str | None:
+    """Why the API's Unix socket path cannot be used (None: it can). Checked before any
+    driver starts, so a hub never runs half-configured without its API."""
+    import os
+    import socket as socket_mod
+    import stat
+
+    try:
+        from hubhost.api.server import ApiSettings, short_unix_path
+    except ImportError:
+        return None
+    settings = ApiSettings.from_config(cfg.api or {}, state)
+    if not settings.enabled:
+        return None
+    path = Path(settings.socket)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"API socket {path}: its folder {path.parent} cannot be used: {e.strerror or e}"
+    if not path.parent.is_dir():
+        return f"API socket {path}: {path.parent} is not a directory"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"API socket {path}: its folder {path.parent} is not writable by this user"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"API socket {path}: {e.strerror or e}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"API socket {path} exists and is not a socket; refusing to replace it"
+    addr, fd = short_unix_path(path)
+    probe = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    try:
+        probe.connect(addr)
+    except OSError:
+        return None   # stale: the server replaces it
+    finally:
+        probe.close()
+        if fd is not None:
+            os.close(fd)
+    return f"API socket {path}: another process is serving the API on it"
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -73,6 +73,9 @@ def log_text(value: Any, limit: int = MAX_LOG_TEXT) -> str:
     return text
 
 
+GC_PRESSURE = 0.75   # share of max_memory above which the host collects between events
+
+
 @dataclass
 class DeviceInfo:
     """A device as the config describes it."""
@@ -153,6 +156,10 @@ class DriverRuntime:
         self.R.set_limit(b"max_pending_requests", self.max_pending_requests)
         self._memory_fault = False
         self._gc = self.sandbox.lua.eval(b"function() collectgarbage() end")
+        # for the privileged glue: a full collection after a caught out-of-memory error,
+        # before it crosses into Python again (lua/driver_functions.lua)
+        self.R.caps.collect_garbage = self._gc
+        self._gc_mark = int(max_memory * GC_PRESSURE)   # collect when the heap grows past this
         self.lua = self.sandbox.lua
         self.extensions: list[Any] = []  # hooks added by other parts (datastore, status, ...)
 
@@ -228,6 +235,7 @@ class DriverRuntime:
         """Call into the Lua glue; a Lua error escaping the glue (e.g. out of memory while
         formatting a traceback) counts as a failed handler, never as a host crash."""
         self._memory_fault = False
+        self._relieve()
         try:
             return fn(*args)
         except LuaError as e:
@@ -238,6 +246,24 @@ class DriverRuntime:
                 # LuaJIT does not collect on a failed allocation: free the aborted
                 # handler's garbage now, or the driver's next events would fail too
                 self._collect()
+            else:
+                self._relieve()
+
+    def _relieve(self) -> None:
+        """Collect when the heap is near the limit, before and after every call into Lua.
+
+        Why: LuaJIT does not collect when an allocation fails, and an out-of-memory error
+        is often caught inside the Lua glue (a function handler's pcall), so the aborted
+        handler's garbage stays until the next GC step. Then the *next* event fails too,
+        and worse, allocations that lupa makes outside driver code (pushing arguments,
+        pushing a Python callback's results while it holds the GIL) fail: that corrupts
+        the Lua stack (garbage numbers) or leaves the GIL taken (a take_gil deadlock).
+        Keeping the heap away from the limit between events prevents both."""
+        if self.sandbox.memory_used() > self._gc_mark:
+            self._collect()
+            after = self.sandbox.memory_used()
+            # live data above the mark: collect again only after another eighth of growth
+            self._gc_mark = max(int(self.max_memory * GC_PRESSURE), after + self.max_memory // 8)
 
     # -- life cycle ----------------------------------------------------------------------
     def load(self) -> None:
@@ -292,10 +318,13 @@ class DriverRuntime:
         if isinstance(items, int):
             items = range(items)
         for item in items:
+            self._relieve()
             try:
                 call(label, fn, driver, item)
             except LuaError as e:
                 self._handler_failed(label, str(e).encode(), b"")
+            if self._memory_fault:
+                self._collect()
 
     def metadata(self) -> dict[str, Any] | None:
         md = self.R.metadata()

@@ -260,6 +260,8 @@ class WorkerHandle:
         except asyncio.TimeoutError:
             log.error("[%s] worker did not stop in time; killing it (unsaved changes are lost)", self.name)
             unflushed = list(self.slots)
+            for d in unflushed:
+                self.sup.unflushed_reasons.setdefault(d, "its worker did not stop in time")
             self.kill("did not stop in time")
         if self.reader is not None:
             try:
@@ -402,9 +404,10 @@ class WorkerHandle:
             self.started.set_result(True)
 
     def _h_stopped(self, msg: list[Any], blob: bytes) -> None:
-        unflushed = [d for d in msg[1] if d in self.slots]
+        reasons = {d: escape_line(str(r), 500) for d, r in dict(msg[1]).items() if d in self.slots}
+        self.sup.unflushed_reasons.update(reasons)
         if self.stopped is not None and not self.stopped.done():
-            self.stopped.set_result(unflushed)
+            self.stopped.set_result(list(reasons))
 
     def _h_mem(self, msg: list[Any], blob: bytes) -> None:
         for did, used in msg[1].items():
@@ -423,9 +426,12 @@ class WorkerHandle:
         if fn is not None:
             fn.set_interface(s, text, timeouts)
 
+    def _h_ds_attach(self, msg: list[Any], blob: bytes) -> None:
+        self.sup.datastore_attach(self, msg[1], self._slot(msg[2]))
+
     def _h_ds_load(self, msg: list[Any], blob: bytes) -> None:
         rid, s = msg[1], self._slot(msg[2])
-        self.sup.spawn(self.sup.datastore_load(self, rid, s))
+        self.sup.spawn(self.sup.datastore_load(self, rid, s, int(msg[3]), int(msg[4])))
 
     def _h_ds_write(self, msg: list[Any], blob: bytes) -> None:
         rid, s, epoch, seq = msg[1], self._slot(msg[2]), int(msg[3]), int(msg[4])
@@ -486,6 +492,7 @@ class Supervisor:
         self.zygote.on_exit = self._worker_exited
         self.store_files: dict[str, StoreFile] = {}
         self.unflushed: list[str] = []
+        self.unflushed_reasons: dict[str, str] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.stopping = False
         self._stop_event: asyncio.Event | None = None
@@ -552,10 +559,11 @@ class Supervisor:
     def _known_devices(self, slot: DriverSlot) -> dict[str, Any]:
         f = slot.state_dir / "devices.json"
         try:
-            data = orjson.loads(atomicfile.read_regular(f))
+            raw = atomicfile.read_regular(f)
+            if raw is None:
+                return {}
+            data = orjson.loads(raw)
             return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
         except (orjson.JSONDecodeError, OSError) as e:
             log.error("[%s] %s is unreadable (%s); treating every device as new", slot.id, f, e)
             return {}
@@ -577,20 +585,32 @@ class Supervisor:
             f = self.store_files[slot.id] = StoreFile(slot.state_dir, slot.id)
         return f
 
-    async def datastore_load(self, w: WorkerHandle, rid: Any, slot: DriverSlot) -> None:
+    def datastore_attach(self, w: WorkerHandle, rid: Any, slot: DriverSlot) -> None:
+        """A new runtime of the driver becomes the only writer of its file."""
+        w.send(["reply", rid, self.store_file(slot).attach(timeout=0.0)])
+
+    async def datastore_load(self, w: WorkerHandle, rid: Any, slot: DriverSlot, memory_limit: int,
+                             memory_used: int) -> None:
+        """The file's text for the worker (recovery from .bak, quarantine and the check that
+        it fits the runtime's memory happen here); a refusal goes back as its class and text,
+        the file untouched."""
+        from hubhost.state.datastore import StoreTooLarge
+
         f = self.store_file(slot)
 
-        def load() -> tuple[int, bytes | None]:
+        def load() -> bytes | None:
             slot.state_dir.mkdir(parents=True, exist_ok=True)
-            epoch = f.attach(timeout=0.0)
-            return epoch, f.load()
+            return f.load(memory_limit, memory_used)
 
         try:
-            epoch, raw = await asyncio.to_thread(load)
+            raw = await asyncio.to_thread(load)
+        except StoreTooLarge as e:
+            w.send(["reply_blob", rid, "too_large", str(e)])
+            return
         except OSError as e:
-            log.error("[%s] cannot read %s: %s; starting with an empty datastore", slot.id, f.path, e)
-            epoch, raw = f.epoch, None
-        w.send(["reply_blob", rid, epoch], raw or b"")
+            w.send(["reply_blob", rid, "refused", str(e)])
+            return
+        w.send(["reply_blob", rid, None, None], raw or b"")
 
     async def datastore_write(self, w: WorkerHandle, rid: Any, slot: DriverSlot, epoch: int, seq: int,
                               blob: bytes) -> None:
@@ -811,17 +831,20 @@ async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Superv
             raise exc
         await stop_wait
         log.info("stopping (signal received)")
+    timed_out = False
     try:
         await asyncio.wait_for(sup.stop(), 9.0)
     except asyncio.TimeoutError:
+        timed_out = True
         log.error("shutdown did not finish within 9 s; exiting anyway")
     if not starting.done():
         starting.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
-    if sup.unflushed:
-        log.error("stopped, but the datastore of %s could not be saved: their last changes are lost",
-                  ", ".join(sup.unflushed))
+    if sup.unflushed or timed_out:
+        lost = "; ".join(f"{d} ({sup.unflushed_reasons.get(d, 'not saved')})" for d in sup.unflushed)
+        log.error("stopped; changes of %d driver%s were NOT written to disk: %s", len(sup.unflushed),
+                  "" if len(sup.unflushed) == 1 else "s", lost or "(the shutdown timed out)")
         return 1
     log.info("stopped")
     return 0

@@ -156,12 +156,17 @@ class RemoteStoreFile:
     def release(self) -> None: ...
 
     def attach(self, timeout: float = 0.0) -> int:
-        epoch, raw = self.up.request(["ds_load", self.driver_id])
-        self._raw = raw
-        return int(epoch)
+        return int(self.up.request(["ds_attach", self.driver_id]))
 
-    def load(self) -> bytes | None:
-        raw, self._raw = self._raw, None
+    def load(self, memory_limit: int | None = None, memory_used: int = 0) -> bytes | None:
+        """The file's text (the supervisor recovers, quarantines and checks it fits)."""
+        from hubhost.state.datastore import StoreRefused, StoreTooLarge
+
+        kind, message, raw = self.up.request(["ds_load", self.driver_id, memory_limit or 0, memory_used])
+        if kind == "too_large":
+            raise StoreTooLarge(message)
+        if kind is not None:
+            raise StoreRefused(message)
         return raw
 
     def _quarantine(self) -> Path:
@@ -193,7 +198,6 @@ class WorkerDatastore(DatastoreService):
 
     def __init__(self, host: WorkerHost, up: Upstream) -> None:
         self.up = up
-        self.unflushed: list[str] = []
         super().__init__(host)  # type: ignore[arg-type]
 
     def file_for(self, slot: Any) -> Any:
@@ -201,16 +205,6 @@ class WorkerDatastore(DatastoreService):
         if f is None:
             f = self.files[slot.id] = RemoteStoreFile(self.up, slot.id, slot.state_dir)
         return f
-
-    async def _on_stop(self, slot: Any, rt: Any, actor: Any) -> None:
-        b = self._current(slot, rt)
-        if b is None:
-            return
-        try:
-            b.flush_now()
-        except (OSError, StaleWriter) as e:
-            log.error("[%s] datastore not flushed at shutdown: %s", slot.id, e)
-            self.unflushed.append(slot.id)
 
 
 class WorkerFunctions(FunctionHost):
@@ -385,7 +379,7 @@ class Worker:
             kind = msg[0]
             if kind == "reply" and self.up.reply(msg[1], msg[2:] if len(msg) > 3 else msg[2]):
                 continue
-            if kind == "reply_blob" and self.up.reply(msg[1], (msg[2], blob or None)):
+            if kind == "reply_blob" and self.up.reply(msg[1], (msg[2], msg[3], blob or None)):
                 continue
             self.loop.call_soon_threadsafe(self.dispatch, msg)
 
@@ -449,7 +443,7 @@ class Worker:
         try:
             await self.host.stop(budget)
         finally:
-            self.up.send(["stopped", self.datastore.unflushed])
+            self.up.send(["stopped", dict(self.datastore.unflushed)])
             self.up.flush()
             self.done.set()
 
