@@ -164,6 +164,7 @@ class DeviceLink:
         self._frames: deque[bytes] = deque()   # for on_receive: loop appends, driver pops
         self._drain_posted = False
         self._paused = False            # reading paused for backpressure (loop writes)
+        self.pauses = 0                 # how many times reading was paused (diagnostics)
 
     def _tokenizer(self, pattern: Any) -> Callable[[bytes], tuple[bytes | None, bytes]] | None:
         """The Lua `pattern` function as the framer's tokenizer (driver thread, CPU budget)."""
@@ -273,6 +274,8 @@ class DeviceLink:
         if not self.transport.set_reading(on):
             return
         self._paused = not on
+        if not on:
+            self.pauses += 1
         self.log.debug("reading %s: the driver is %d bytes behind", "resumed" if on else "paused",
                        self.backlog)
 

@@ -11,6 +11,7 @@ supervisor kills a worker that commits one (a worker is never trusted to be well
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
 import threading
@@ -43,12 +44,15 @@ def unpack_header(header: bytes) -> list[Any]:
 
 
 class SyncChannel:
-    """The worker's end: blocking reads on a reader thread, writes from any thread."""
+    """The worker's end. Reads happen on the worker's loop thread only: from a reader
+    callback of the loop when it is idle, or inside a blocking request of the loop thread
+    itself (which must not wait on the loop). Writes may come from any thread."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._wlock = threading.Lock()
-        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        self._buf = bytearray()
+        self.eof = False
 
     def send(self, msg: list[Any], blob: bytes = b"") -> None:
         data = pack(msg, blob)
@@ -59,19 +63,60 @@ class SyncChannel:
         with self._wlock:
             self.sock.sendall(data)
 
+    def read_ready(self) -> list[tuple[list[Any], bytes]]:
+        """Every whole message that has arrived, without waiting (end of stream: eof)."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 18, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.eof = True
+                break
+            self._buf += data
+            if len(data) < 1 << 18:
+                break
+        return self._parse()
+
+    def read_wait(self, timeout: float | None) -> list[tuple[list[Any], bytes]]:
+        """Whole messages, waiting up to `timeout` seconds for the first bytes."""
+        got = self._parse()
+        if got or self.eof:
+            return got
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        return self.read_ready() if ready else []
+
     def recv(self) -> tuple[list[Any], bytes] | None:
-        """The next message, or None at end of stream."""
-        head = self._rfile.read(HEAD.size)
-        if len(head) < HEAD.size:
-            return None
-        hlen, blen = HEAD.unpack(head)
-        if hlen > MAX_HEADER or blen > MAX_BLOB:
-            raise ProtocolError(f"a frame of {hlen}+{blen} bytes (over the caps)")
-        header = self._rfile.read(hlen)
-        blob = self._rfile.read(blen) if blen else b""
-        if len(header) < hlen or len(blob) < blen:
-            return None
-        return unpack_header(header), blob
+        """The next message, waiting as long as it takes; None at end of stream."""
+        pending: list[tuple[list[Any], bytes]] = []
+        while not pending:
+            if self.eof:
+                return None
+            pending = self.read_wait(None)
+        first, rest = pending[0], pending[1:]
+        if rest:   # put the others back, in order, in front of what is still unparsed
+            self._buf[:0] = b"".join(pack(m, b) for m, b in rest)
+        return first
+
+    def _parse(self) -> list[tuple[list[Any], bytes]]:
+        out = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= HEAD.size:
+            hlen, blen = HEAD.unpack_from(buf, pos)
+            if hlen > MAX_HEADER or blen > MAX_BLOB:
+                raise ProtocolError(f"a frame of {hlen}+{blen} bytes (over the caps)")
+            end = pos + HEAD.size + hlen + blen
+            if len(buf) < end:
+                break
+            h0 = pos + HEAD.size
+            out.append((unpack_header(bytes(buf[h0:h0 + hlen])), bytes(buf[h0 + hlen:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
 
 
 class AsyncChannel:

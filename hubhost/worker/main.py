@@ -67,6 +67,7 @@ class Upstream:
         self._ids = itertools.count(1)
         self._waiting: dict[int, concurrent.futures.Future] = {}
         self._wlock = threading.Lock()
+        self.incoming: Any = None    # Worker.incoming(msg, blob, deferred)
 
     def send(self, msg: list[Any], blob: bytes = b"") -> None:
         if threading.get_ident() != self.loop_thread:
@@ -101,23 +102,36 @@ class Upstream:
                 os._exit(0)   # the supervisor is gone: nothing of ours can be saved any more
 
     def request(self, msg: list[Any], blob: bytes = b"") -> Any:
-        """Send a request and block for its reply (any thread; never waits forever)."""
+        """Send a request and block for its reply (any thread; never waits forever). On the
+        loop thread it reads the channel itself until the reply is there: other messages
+        that arrive meanwhile are dispatched afterwards, in order."""
         rid = next(self._ids)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._waiting[rid] = fut
-        if threading.get_ident() == self.loop_thread:
+        on_loop = threading.get_ident() == self.loop_thread
+        if on_loop:
             self.flush()   # keep order with what the loop already sent
         try:
             self.ch.send([msg[0], rid, *msg[1:]], blob)
         except OSError:
             os._exit(0)
         try:
+            if on_loop:
+                deadline = time.monotonic() + REQUEST_TIMEOUT
+                while not fut.done():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"the supervisor did not answer {msg[0]} within {REQUEST_TIMEOUT:g} s")
+                    for m, b in self.ch.read_wait(min(left, 1.0)):
+                        self.incoming(m, b, True)
+                    if self.ch.eof:
+                        os._exit(0)
             return fut.result(REQUEST_TIMEOUT)
         finally:
             self._waiting.pop(rid, None)
 
     def reply(self, rid: Any, value: Any) -> bool:
-        """Reader thread: a reply to request(); False if it is not one."""
+        """(loop thread) A reply to request(); False if it is not one."""
         fut = self._waiting.get(rid) if isinstance(rid, int) else None
         if fut is None:
             return False
@@ -366,22 +380,27 @@ class Worker:
                         mem[sid] = slot.rt.memory_used()
                 self.up.send(["mem", mem])
 
-    # -- reader (own thread) -------------------------------------------------------------
-    def reader(self) -> None:
-        while True:
-            try:
-                got = self.ch.recv()
-            except Exception:  # noqa: BLE001 - a broken pipe or frame: the supervisor is gone
-                got = None
-            if got is None:
-                os._exit(0)
-            msg, blob = got
-            kind = msg[0]
-            if kind == "reply" and self.up.reply(msg[1], msg[2:] if len(msg) > 3 else msg[2]):
-                continue
-            if kind == "reply_blob" and self.up.reply(msg[1], (msg[2], msg[3], blob or None)):
-                continue
-            self.loop.call_soon_threadsafe(self.dispatch, msg)
+    # -- reading (on the loop: a reader callback, or inside a blocking request) ----------
+    def readable(self) -> None:
+        try:
+            got = self.ch.read_ready()
+        except Exception:  # noqa: BLE001 - a broken frame: the supervisor is not to be trusted
+            os._exit(0)
+        for msg, blob in got:
+            self.incoming(msg, blob, False)
+        if self.ch.eof:
+            os._exit(0)   # the supervisor is gone: nothing of ours can be saved any more
+
+    def incoming(self, msg: list[Any], blob: bytes, deferred: bool) -> None:
+        kind = msg[0]
+        if kind == "reply" and self.up.reply(msg[1], msg[2:] if len(msg) > 3 else msg[2]):
+            return
+        if kind == "reply_blob" and self.up.reply(msg[1], (msg[2], msg[3], blob or None)):
+            return
+        if deferred:
+            self.loop.call_soon(self.dispatch, msg)
+        else:
+            self.dispatch(msg)
 
     def dispatch(self, msg: list[Any]) -> None:
         kind = msg[0]
@@ -414,7 +433,8 @@ class Worker:
         if link is None:
             return None
         return {"buffered": link.framer.buffered, "backlog": link.backlog,
-                "dropped_frames": link.framer.dropped_frames, "paused": bool(link._paused)}
+                "dropped_frames": link.framer.dropped_frames, "paused": bool(link._paused),
+                "pauses": link.pauses}
 
     def _q_dispatch(self, qid: int, driver_id: str, handler: str, n: int) -> None:
         """Benchmark probe (bench/runtime.py): run n events into a handler of the driver the
@@ -449,7 +469,8 @@ class Worker:
 
     async def main(self) -> int:
         self.install()
-        threading.Thread(target=self.reader, name="worker-reader", daemon=True).start()
+        self.up.incoming = self.incoming
+        self.loop.add_reader(self.ch.sock.fileno(), self.readable)
         threading.Thread(target=self.heartbeat, name="worker-heartbeat", daemon=True).start()
         ticker = self.loop.create_task(self._ticker())
         await self.host.start()
