@@ -44,6 +44,7 @@ class DriverConfig:
     max_memory: int = 64 * 1024 * 1024
     cpu_limit: float = 1.0
     group: str | None = None      # drivers of one group share a worker process (shared fate)
+    log_level: str | None = None  # this driver's own level (else the hub's); live on reload
 
     @property
     def worker_name(self) -> str:
@@ -190,6 +191,25 @@ def _check_transport(c: _Checker, key: str, kind: str, settings: dict[str, Any])
         c.fail(f"{key}.{name}", str(e))
 
 
+_BUILDER = re.compile(rb"driver_helper\s*\.\s*init_(serial|tcp|udp)\b")
+
+
+def driver_transport(folder: Path) -> tuple[str, str] | None:
+    """The transport a driver is built for, read from its init.lua without running it:
+    (kind, "init.lua:LINE") for driver_helper.init_serial/_tcp/_udp, None otherwise."""
+    try:
+        src = (folder / "init.lua").read_bytes()
+    except OSError:
+        return None
+    for m in _BUILDER.finditer(src):
+        line_start = src.rfind(b"\n", 0, m.start()) + 1
+        if b"--" in src[line_start:m.start()]:
+            continue        # in a comment
+        line = src.count(b"\n", 0, m.start()) + 1
+        return m.group(1).decode(), f"init.lua:{line}"
+    return None
+
+
 def load(path: str | Path) -> HubConfig:
     """Read and check a hub config file."""
     path = Path(path)
@@ -242,7 +262,8 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
         k = f"drivers[{i}]"
         if not isinstance(d, dict):
             c.fail(k, "must be a table")
-        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group"}, k)
+        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group",
+                      "log_level"}, k)
         did = c.ident(d, "id", f"{k}.id")
         if did in seen_drivers:
             c.fail(f"{k}.id", f"duplicate driver id {did!r}")
@@ -261,6 +282,12 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
             cpu_limit=c.number(d, "cpu_limit", f"{k}.cpu_limit", 1.0),
             group=c.ident(d, "group", f"{k}.group") if "group" in d else None,
         )
+        if "log_level" in d:
+            lvl = c.typed(d, "log_level", f"{k}.log_level", (str,), "a string")
+            if lvl.lower() not in LOG_LEVELS:
+                c.fail(f"{k}.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {lvl!r}")
+            dc.log_level = lvl.lower()
+        needs = driver_transport(dpath)
         devs = c.typed(d, "devices", f"{k}.devices", (list,), "an array of tables ([[drivers.devices]])", [])
         for j, dev in enumerate(devs):
             dk = f"{k}.devices[{j}]"
@@ -290,6 +317,10 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
                 c.fail(f"{dk}.{next(iter(settings))}", "unknown key (transport settings need `transport = ...`)")
             if transport is not None:
                 _check_transport(c, dk, transport, settings)
+            elif needs is not None:
+                c.fail(f"{dk}.transport", f"driver {did!r} is built with driver_helper.init_{needs[0]} "
+                       f"({needs[1]}), so its devices need a transport: add transport = \"{needs[0]}\" "
+                       "and its settings")
             dc.devices.append(DeviceInfo(id=dev_id, label=label, config=conf, system=system,
                                          module=module, index=index, transport=transport,
                                          transport_settings=settings))
