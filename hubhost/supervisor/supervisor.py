@@ -782,8 +782,8 @@ class Supervisor:
                                                await asyncio.to_thread(codehash.code_hashes, slot.cfg.path))
                 if files:
                     why = codehash.describe_change(files)
-            if why is None and slot.state not in ("running", "starting"):
-                why = f"was {self._shown_state(slot)}: retrying"
+            if slot.state != "running" and (slot.state != "starting" or slot.failed_boot):
+                why = (why + "; " if why else "") + f"was {self._shown_state(slot)}: retrying"
             if why is None and only is not None and did in only:
                 why = "named in the reload"
             if why is not None:
@@ -840,7 +840,7 @@ class Supervisor:
 
     @staticmethod
     def _shown_state(slot: DriverSlot) -> str:
-        if slot.state == "restarting" and slot.failed_boot:
+        if slot.state in ("restarting", "starting") and slot.failed_boot:
             return "failed"
         return slot.state
 
