@@ -317,7 +317,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
                 c.fail(f"{dk}.{next(iter(settings))}", "unknown key (transport settings need `transport = ...`)")
             if transport is not None:
                 _check_transport(c, dk, transport, settings)
-            elif needs is not None:
+            elif needs is not None and "simulator" not in conf:   # the demo's are wired at start
                 c.fail(f"{dk}.transport", f"driver {did!r} is built with driver_helper.init_{needs[0]} "
                        f"({needs[1]}), so its devices need a transport: add transport = \"{needs[0]}\" "
                        "and its settings")

@@ -181,9 +181,10 @@ def status_text(h: dict[str, Any]) -> str:
     for d in rows.values():
         cond = d.get("condition") or d["state"]
         counts[cond] = counts.get(cond, 0) + 1
-    summary = f"{counts.pop('running')} running, {counts.pop('failed')} failed, {counts.pop('restarting')} restarting"
+    summary = (f"{counts.pop('running')} drivers running, {counts.pop('failed')} failed, "
+               f"{counts.pop('restarting')} restarting")
     summary += "".join(f", {n} {state}" for state, n in counts.items() if n)
-    lines = [f"hub {h['hub']}: {len(rows)} driver{'s' if len(rows) != 1 else ''}: {summary}"]
+    lines = [f"hub {h['hub']}: {summary}"]
     m = h.get("mirror")
     if m is None:
         lines.append("redis: not configured")
