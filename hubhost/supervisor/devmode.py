@@ -72,23 +72,97 @@ def run_specs_here(folder: Path) -> dict[str, Any]:
     return {"passed": passed, "failures": failures}
 
 
+class SpecRunner:
+    """A warm child process that runs specs (no driver Lua runs in the supervisor): it has
+    lupa and the library loaded already, so a run costs what the specs cost. One request at
+    a time, a folder per line in, one JSON line out; restarted after a time-out or a death."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        if self.proc is None or self.proc.returncode is not None:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hubhost.supervisor.devmode", "--serve",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL)
+            assert self.proc.stdout is not None
+            try:
+                while (await asyncio.wait_for(self.proc.stdout.readline(), SPEC_TIMEOUT)) not in (b"READY\n", b""):
+                    pass
+            except asyncio.TimeoutError:
+                pass
+        return self.proc
+
+    async def warm(self) -> None:
+        async with self.lock:
+            await self._start()
+
+    async def run(self, folder: Path) -> dict[str, Any]:
+        async with self.lock:
+            proc = await self._start()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(str(folder).encode() + b"\n")
+                await proc.stdin.drain()
+                while True:
+                    line = await asyncio.wait_for(proc.stdout.readline(), SPEC_TIMEOUT)
+                    if not line:
+                        raise ConnectionError("the spec runner exited")
+                    if line.startswith(b"RESULT "):
+                        return json.loads(line[7:])
+            except asyncio.TimeoutError:
+                self.kill()
+                return _failure(folder, f"the specs did not finish within {SPEC_TIMEOUT:g} s")
+            except (ConnectionError, ValueError) as e:
+                self.kill()
+                return _failure(folder, f"the spec runner failed: {e}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        self.proc = None
+
+
+def _failure(folder: Path, message: str) -> dict[str, Any]:
+    return {"passed": 0, "failures": [{"spec": str(folder), "test": "(all)", "message": message}]}
+
+
+_runner = SpecRunner()
+
+
 async def run_specs(folder: Path) -> dict[str, Any]:
-    """The specs of a driver in a child process, so no driver Lua runs in the supervisor."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hubhost.supervisor.devmode", "--specs", str(folder),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    return await _runner.run(folder)
+
+
+def _serve() -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:   # warm: the library compiled, lupa loaded
+        (Path(tmp) / "warm_spec.lua").write_text('describe("warm", function() it("runs", function() end) end)\n')
+        run_specs_here(Path(tmp))
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        folder = line.strip()
+        if not folder:
+            continue
+        try:
+            result = run_specs_here(Path(folder))
+        except Exception as e:  # noqa: BLE001 - reported to the author, never fatal
+            result = {"passed": 0, "failures": [{"spec": folder, "test": "(all)", "message": repr(e)}]}
+        sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _under(p: Path, folder: Path) -> bool:
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), SPEC_TIMEOUT)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return {"passed": 0, "failures": [{"spec": str(folder), "test": "(all)",
-                                           "message": f"the specs did not finish within {SPEC_TIMEOUT:g} s"}]}
-    try:
-        return json.loads(out.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"passed": 0, "failures": [{"spec": str(folder), "test": "(all)",
-                                           "message": "the spec runner failed: " + err.decode()[-2000:]}]}
+        p.resolve().relative_to(folder)
+        return True
+    except ValueError:
+        return False
 
 
 class DevWatcher:
@@ -110,12 +184,14 @@ class DevWatcher:
 
     async def stop(self) -> None:
         self.stop_event.set()
+        _runner.kill()
         if self.task is not None:
             self.task.cancel()
 
     async def _run(self) -> None:
         import watchfiles
 
+        await _runner.warm()     # the spec runner is ready before the first save
         while not self.stop_event.is_set():
             cfg = self.sup.config.source
             watched = {str(p) for p in self.folders().values()}
@@ -127,6 +203,7 @@ class DevWatcher:
             async for changes in watchfiles.awatch(*sorted(watched), stop_event=self.stop_event,
                                                    debounce=DEBOUNCE_MS, step=STEP_MS,
                                                    watch_filter=self._interesting, recursive=True):
+                log.debug("dev: changes: %s", sorted(p for _, p in changes))
                 try:
                     restart = await self.changed({Path(p) for _, p in changes})
                 except asyncio.CancelledError:
@@ -143,7 +220,11 @@ class DevWatcher:
         if p.name.startswith(".") or p.name.endswith(("~", ".swp", ".swx")):
             return False
         src = self.sup.config.source
-        return p.suffix == ".lua" or (src is not None and p.resolve() == Path(src).resolve())
+        if src is not None and p.resolve() == Path(src).resolve():
+            return True
+        if p.suffix != ".lua":
+            return False
+        return any(_under(p, f) for f in self.folders().values())
 
     async def changed(self, paths: set[Path]) -> bool:
         """Act on one group of changed files; True when the watched folders changed."""
@@ -196,16 +277,14 @@ class DevWatcher:
         if not code_changed and slot.state in ("running", "starting"):
             self.out(f"dev: {did}: only specs changed; the running code stays")
             return
-        if slot.cfg.log_level is None and did not in self.changed_drivers:
+        if slot.cfg.log_level is None:
             self.changed_drivers.add(did)
+            self.sup.set_driver_level(did, "debug")   # the restarted slot keeps it
         try:
             report = await reload_config(self.sup, only={did})
         except ConfigReloadError as e:
             self.out(f"dev: {did}: not reloaded: {e}")
             return
-        for d in self.changed_drivers:
-            if d in self.sup.slots and self.sup.slots[d].cfg.log_level is None:
-                self.sup.set_driver_level(d, "debug")
         self._print_report(report)
         new = self.sup.slots.get(did)
         state = new.state if new is not None else "gone"
@@ -237,6 +316,9 @@ async def run_dev(config: HubConfig, state_dir: Path, *, demo: bool = False) -> 
 
 
 def _main(argv: list[str]) -> int:
+    if argv == ["--serve"]:
+        logging.basicConfig(level=logging.CRITICAL)
+        return _serve()
     if len(argv) == 2 and argv[0] == "--specs":
         logging.basicConfig(level=logging.CRITICAL)
         print(json.dumps(run_specs_here(Path(argv[1]))))
