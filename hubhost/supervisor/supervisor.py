@@ -402,6 +402,8 @@ class WorkerHandle:
             s.generation += 1
         elif state == "starting" and restarts != s._inner_restarts:
             s.generation += 1
+        if state == "starting" and restarts != s._inner_restarts:
+            self.sup.spawn(_rehash(s))    # an in-worker restart reads the files again
         s.state = state
         s._inner_restarts = restarts
         s.restarts = s._worker_restarts + restarts
@@ -855,6 +857,10 @@ def _needs_restart(old: DriverConfig, new: DriverConfig) -> str | None:
     if devices(old) != devices(new):
         diff.append("devices")
     return f"config changed ({', '.join(diff)})" if diff else None
+
+
+async def _rehash(slot: DriverSlot) -> None:
+    slot.code = await asyncio.to_thread(codehash.code_hashes, slot.cfg.path)
 
 
 def _level(name: str | None) -> int | None:
