@@ -170,6 +170,9 @@ def test_logs_by_device_level_and_since(hub: tuple[HubProcess, Path, Path]) -> N
     recent = out.stdout.splitlines()
     old = _cli("logs", "beta", "-n", "1000", "--state-dir", str(state)).stdout.splitlines()
     assert 0 < len(recent) < len(old)
+    # under systemd it says where the older records are, with the journal field to filter on
+    out = _cli("logs", "beta", "--state-dir", str(state), env=_env(INVOCATION_ID="0123"))
+    assert "journalctl -u hubhost HUBHOST_DRIVER=beta" in out.stderr, out.stderr
     out = _cli("logs", "nosuch", "--state-dir", str(state))
     assert out.returncode == 1 and "no driver or device 'nosuch'" in out.stderr
 

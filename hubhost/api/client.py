@@ -299,10 +299,12 @@ async def _logs(args: argparse.Namespace) -> int:
         q["follow"] = 1
     async with _client(args) as c:
         if not args.follow:
-            for e in await c.get("/api/v1/logs?" + urlencode(q)):
+            entries = await c.get("/api/v1/logs?" + urlencode(q))
+            for e in entries:
                 print(_log_line(e))
             if os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM") or SYSTEMD_SOCKET.exists():
-                print(_journal_hint(args.name), file=sys.stderr)
+                is_device = bool(args.name) and any(e.get("device") == args.name for e in entries)
+                print(_journal_hint(args.name, is_device), file=sys.stderr)
             return 0
         async with c.session.get(c.base + "/api/v1/logs?" + urlencode(q)) as r:
             if r.status >= 400:
@@ -319,8 +321,8 @@ async def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _journal_hint(name: str | None) -> str:
-    field = f" HUBHOST_DRIVER={name}" if name else ""
+def _journal_hint(name: str | None, is_device: bool = False) -> str:
+    field = f" HUBHOST_{'DEVICE' if is_device else 'DRIVER'}={name}" if name else ""
     return (f"(older records: journalctl -u hubhost{field}; for a device: HUBHOST_DEVICE=<id>; "
             "the hub keeps only the last 1000 per driver in memory)")
 
