@@ -296,3 +296,14 @@ def test_journal_fields_per_driver_and_device(tmp_path: Path) -> None:
     assert boot["HUBHOST_DRIVER"] == "alpha" and "HUBHOST_DEVICE" not in boot
     hub_rec = next(r for r in records if "API listening" in r.get("MESSAGE", ""))
     assert "HUBHOST_DRIVER" not in hub_rec
+
+
+def test_a_follower_that_leaves_is_no_error(hub: tuple[HubProcess, Path, Path]) -> None:
+    h, cfg, state = hub
+    follow = _Lines("logs", "beta", "-f", "--state-dir", str(state))
+    follow.wait_for("BETA-INFO")
+    follow.proc.kill()
+    follow.proc.wait()
+    time.sleep(0.5)                                  # beta logs every 50 ms: the hub writes to a closed socket
+    assert not h.find("API: GET /api/v1/logs failed")
+    assert not h.find("Traceback")

@@ -467,8 +467,8 @@ class ApiServer:
                     await resp.write(orjson.dumps({"missed": item}) + b"\n")
                 else:
                     await resp.write(orjson.dumps(item.to_json()) + b"\n")
-        except (ConnectionError, asyncio.CancelledError):
-            raise
+        except ConnectionError:
+            pass              # the follower went away (Ctrl-C on `hubhost logs -f`)
         finally:
             ring.unfollow(f)
         return resp
