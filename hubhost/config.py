@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hubhost.sandbox.runtime import DeviceInfo
+from hubhost.sandbox.runtime import DEFAULT_LIMITS, DeviceInfo
 
 TRANSPORTS = ("serial", "tcp", "udp")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical")
@@ -45,6 +45,16 @@ class DriverConfig:
     cpu_limit: float = 1.0
     group: str | None = None      # drivers of one group share a worker process (shared fate)
     log_level: str | None = None  # this driver's own level (else the hub's); live on reload
+    # per-driver caps (README "Limits"; DriverRuntime kwargs of the same names)
+    max_timers: int = DEFAULT_LIMITS["max_timers"]
+    max_pending_requests: int = DEFAULT_LIMITS["max_pending_requests"]
+    max_send_backlog: int = DEFAULT_LIMITS["max_send_backlog"]
+    max_status_value: int = DEFAULT_LIMITS["max_status_value"]
+    max_status_fields: int = DEFAULT_LIMITS["max_status_fields"]
+
+    def runtime_limits(self) -> dict[str, int]:
+        """The caps as DriverRuntime keyword arguments."""
+        return {name: getattr(self, name) for name in DEFAULT_LIMITS}
 
     @property
     def worker_name(self) -> str:
@@ -62,6 +72,8 @@ class HubConfig:
     drivers: list[DriverConfig] = field(default_factory=list)
     api: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    # resident anonymous memory a worker may hold beyond its drivers' max_memory
+    worker_overhead: int = 64 * 1024 * 1024
 
 
 class _Checker:
@@ -85,7 +97,13 @@ class _Checker:
             self.fail(key, f"must be greater than {minimum:g}, got {v!r}")
         return float(v)
 
-    def size(self, table: dict, name: str, key: str, default: int) -> int:
+    def count(self, table: dict, name: str, key: str, default: int) -> int:
+        v = self.typed(table, name, key, (int,), "a positive integer", default)
+        if v < 1:
+            self.fail(key, f"must be a positive integer, got {v!r}")
+        return v
+
+    def size(self, table: dict, name: str, key: str, default: int, *, minimum: int = 1024 * 1024) -> int:
         if name not in table:
             return default
         v = table[name]
@@ -95,8 +113,9 @@ class _Checker:
             n = int(float(m.group(1)) * _UNITS[m.group(2)])
         else:
             self.fail(key, f"must be a size in bytes or like \"64MiB\", got {v!r}")
-        if n < 1024 * 1024:
-            self.fail(key, f"must be at least 1MiB, got {v!r}")
+        if n < minimum:
+            shown = f"{minimum // (1024 * 1024)}MiB" if minimum >= 1024 * 1024 else f"{minimum} bytes"
+            self.fail(key, f"must be at least {shown}, got {v!r}")
         return n
 
     def ident(self, table: dict, name: str, key: str) -> str:
@@ -227,13 +246,15 @@ def load(path: str | Path) -> HubConfig:
 def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = None) -> HubConfig:
     c = _Checker(source)
     base = base or Path.cwd()
-    c.unknown(raw, {"hub_id", "state_dir", "flush_interval", "log_level", "redis", "drivers", "api"}, "")
+    c.unknown(raw, {"hub_id", "state_dir", "flush_interval", "log_level", "redis", "drivers", "api",
+                    "worker_overhead"}, "")
     cfg = HubConfig(source=Path(source) if source != "<config>" else None)
     if "hub_id" in raw:
         cfg.hub_id = c.ident(raw, "hub_id", "hub_id")
     sd = c.typed(raw, "state_dir", "state_dir", (str,), "a path")
     cfg.state_dir = str((base / sd).resolve()) if sd else None
     cfg.flush_interval = c.number(raw, "flush_interval", "flush_interval", 10.0)
+    cfg.worker_overhead = c.size(raw, "worker_overhead", "worker_overhead", 64 * 1024 * 1024)
     level = c.typed(raw, "log_level", "log_level", (str,), "a string", "info")
     if level.lower() not in LOG_LEVELS:
         c.fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
@@ -263,7 +284,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
         if not isinstance(d, dict):
             c.fail(k, "must be a table")
         c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group",
-                      "log_level"}, k)
+                      "log_level", *DEFAULT_LIMITS}, k)
         did = c.ident(d, "id", f"{k}.id")
         if did in seen_drivers:
             c.fail(f"{k}.id", f"duplicate driver id {did!r}")
@@ -281,6 +302,15 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
             max_memory=c.size(d, "max_memory", f"{k}.max_memory", 64 * 1024 * 1024),
             cpu_limit=c.number(d, "cpu_limit", f"{k}.cpu_limit", 1.0),
             group=c.ident(d, "group", f"{k}.group") if "group" in d else None,
+            max_timers=c.count(d, "max_timers", f"{k}.max_timers", DEFAULT_LIMITS["max_timers"]),
+            max_pending_requests=c.count(d, "max_pending_requests", f"{k}.max_pending_requests",
+                                         DEFAULT_LIMITS["max_pending_requests"]),
+            max_send_backlog=c.size(d, "max_send_backlog", f"{k}.max_send_backlog",
+                                    DEFAULT_LIMITS["max_send_backlog"], minimum=1024),
+            max_status_value=c.size(d, "max_status_value", f"{k}.max_status_value",
+                                    DEFAULT_LIMITS["max_status_value"], minimum=64),
+            max_status_fields=c.count(d, "max_status_fields", f"{k}.max_status_fields",
+                                      DEFAULT_LIMITS["max_status_fields"]),
         )
         if "log_level" in d:
             lvl = c.typed(d, "log_level", f"{k}.log_level", (str,), "a string")

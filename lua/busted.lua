@@ -3,11 +3,17 @@
 --
 --   local runner = require("busted").new{ env = sandbox_env, getinfo = cap, ... }
 --   -- the host loads the spec chunk with runner.env as its environment, then:
---   runner:collect(chunk)      --> { {id, name, tags, line, pending, error, trace}, ... }
---   runner:run(chunk, ids)     --> { [id] = {status, message, trace, line, setup, teardown} }
+--   runner:run(chunk [, ids]) --> { listing = { {id, name, tags, line}, ... },
+--                                  results = { [id] = {status, message, trace, line,
+--                                                      file, setup, teardown, output} },
+--                                  file_error = nil | {message, trace, line, file} }
 --
--- Semantics follow busted 2: describe bodies run when their parent reaches
--- them; setup/teardown are strict (once per block around its children),
+-- One run is busted's execution of the file: the file body, then each describe body when
+-- its turn comes (after the earlier siblings' tests and their hooks), never ahead of it.
+-- Without ids everything runs and the listing names every test in execution order; with
+-- ids only those tests (and the hooks around them) run, like busted's --filter.
+--
+-- Semantics follow busted 2: setup/teardown are strict (once per block around its children),
 -- lazy_setup runs before the block's first test, before_each outer to inner,
 -- after_each inner to outer, finally right after the test body. Globals a
 -- block assigns live in that block's environment; insulate blocks (and the
@@ -104,6 +110,7 @@ function M.new(opts)
   self.traceback = opts.traceback
   self.arm, self.disarm, self.time_limit = opts.arm, opts.disarm, opts.time_limit
   self.prefixes = opts.internal_prefixes or {}
+  self.take_output = opts.take_output
   util.set_host({
     getinfo = opts.getinfo,
     fail = raise_failure,
@@ -114,6 +121,9 @@ function M.new(opts)
   self.serial = 0
   self.root = { kind = "root", hooks = {}, children = {}, names = {} }
   self.root.env = self:exports()
+  for k, v in pairs(opts.globals or {}) do
+    if self.root.env[k] == nil then self.root.env[k] = v end
+  end
   self.current = self.root
   M.active = self
   local runner = self
@@ -432,47 +442,6 @@ local function file_element(self, chunk)
 end
 
 ---------------------------------------------------------------------------------------------
--- Collection: runs the file and every describe body, never hooks or tests.
-function Runner:collect_block(el, out)
-  self:push(el) -- the block's environment lives until its last child is done
-  self:collect_children(el, out)
-  self:pop()
-end
-
-function Runner:collect_children(el, out)
-  local err = self:safe(el, el.run)
-  if err then
-    if el.descriptor == "file" then
-      out.file_error = err
-      return
-    end
-    out[#out + 1] = {
-      id = self:new_id(el.names), name = el.name, tags = tags_of(el.names),
-      line = el.line, pending = false, error = err.message, trace = err.trace,
-    }
-    return
-  end
-  for _, child in ipairs(el.children) do
-    if child.kind == "block" then
-      self:collect_block(child, out)
-    else
-      out[#out + 1] = {
-        id = child.id, name = child.name, tags = tags_of(child.names),
-        line = child.line, pending = child.pending,
-      }
-    end
-  end
-end
-
---- Lists the spec's tests in file order (plus one entry per describe
---- whose body failed, with error set); a failing file sets file_error.
-function Runner:collect(chunk)
-  local out = {}
-  self:collect_block(file_element(self, chunk), out)
-  return out
-end
-
----------------------------------------------------------------------------------------------
 -- Running.
 
 -- Runs a block's hooks of one kind, in order; returns the first failure.
@@ -525,10 +494,24 @@ function Runner:lazy_setup(el)
   return el.lazy_err
 end
 
+-- What the spec printed since the last result belongs to this one (pytest shows it as
+-- the test's captured output).
 function Runner:record(el, result)
+  if self.take_output then result.output = self.take_output() end
   self.results[el.id] = result
   self.serial = self.serial + 1
   self.last = result
+end
+
+function Runner:list(id, el, err)
+  self.listing[#self.listing + 1] = {
+    id = id, name = el.name, tags = tags_of(el.names), line = el.line, pending = el.pending,
+    error = err and err.message or nil,
+  }
+end
+
+function Runner:wanted(el)
+  return self.all or self.selected[el.id]
 end
 
 local function update(result, out)
@@ -541,7 +524,8 @@ local function update(result, out)
 end
 
 function Runner:exec_test(el)
-  if not self.selected[el.id] then return end
+  if not self:wanted(el) then return end
+  self:list(el.id, el)
   if el.pending then
     self:record(el, { status = "pending" })
     return
@@ -573,11 +557,38 @@ function Runner:exec_test(el)
   self:record(el, result)
 end
 
+-- A describe body that failed is one failing item under the describe's name (busted
+-- reports it as one error). A failing strict_setup fails each test of its block at setup;
+-- a block with no test of its own reports it under its name.
 function Runner:block_failed(el, outcome, as_setup)
+  local id = nil
+  if not as_setup then id = self:new_id(el.names) end
   self.block_errors[#self.block_errors + 1] = {
-    id = as_setup and nil or self:new_id(el.names),
-    prefix = el.id, outcome = outcome, setup = as_setup,
+    id = id, prefix = el.id, outcome = outcome, setup = as_setup,
   }
+  if as_setup then
+    local any = false
+    for _, child in ipairs(el.children) do
+      if child.kind == "test" and self:wanted(child) then
+        any = true
+        self:list(child.id, child)
+        self:record(child, { status = "error", setup = outcome })
+      end
+    end
+    if any or not self.all then return end
+    if el.descriptor == "file" then
+      self.file_error = outcome
+      return
+    end
+    id = self:new_id(el.names)
+  elseif not (self.all or self.selected[id]) then
+    return
+  end
+  self:list(id, el, outcome)
+  self:record({ id = id }, {
+    status = outcome.status == "pending" and "error" or outcome.status, message = outcome.message,
+    trace = outcome.trace, line = outcome.line, file = outcome.file,
+  })
 end
 
 function Runner:exec_block(el)
@@ -589,10 +600,14 @@ end
 function Runner:exec_children(el)
   local err = self:safe(el, el.run)
   if err then
+    if el.descriptor == "file" then
+      self.file_error = err
+      return
+    end
     self:block_failed(el, err, false)
     return
   end
-  if el.descriptor ~= "file" and not self.active[el.id] then
+  if el.descriptor ~= "file" and not self.all and not self.active[el.id] then
     -- nothing selected below: run describe bodies only (they register ids)
     for _, child in ipairs(el.children) do
       if child.kind == "block" then self:exec_block(child) end
@@ -622,6 +637,10 @@ end
 -- The outcome for a selected id that never ran: the failure of the
 -- deepest block around it (its body or its setup), if any.
 function Runner:missing(id)
+  local fe = self.file_error
+  if fe then
+    return { status = "error", message = fe.message, trace = fe.trace, line = fe.line, file = fe.file }
+  end
   local best
   for _, b in ipairs(self.block_errors) do
     local p = b.prefix
@@ -640,12 +659,13 @@ function Runner:missing(id)
            trace = o.trace, line = o.line, file = o.file }
 end
 
---- Runs the selected test ids in file order with busted's hook semantics;
---- returns id -> {status, message, trace, line, file, setup, teardown}.
+--- Runs the file as busted does: every test when ids is nil, else the given ids only
+--- (and the hooks around them). See the top of this file for what comes back.
 function Runner:run(chunk, ids)
+  self.all = ids == nil
   self.selected, self.active = {}, {}
-  self.results, self.block_errors = {}, {}
-  for _, id in ipairs(ids) do
+  self.results, self.block_errors, self.listing = {}, {}, {}
+  for _, id in ipairs(ids or {}) do
     self.selected[id] = true
     local start = 1
     while true do
@@ -657,10 +677,19 @@ function Runner:run(chunk, ids)
     self.active[id] = true
   end
   self:exec_block(file_element(self, chunk))
-  for _, id in ipairs(ids) do
+  for _, id in ipairs(ids or {}) do
     if self.results[id] == nil then self.results[id] = self:missing(id) end
   end
-  return self.results
+  local rest = self.take_output and self.take_output() or ""
+  if rest ~= "" then
+    if self.last then
+      self.last.output = (self.last.output or "") .. rest
+    else
+      self.trailing_output = rest
+    end
+  end
+  return { listing = self.listing, results = self.results, file_error = self.file_error,
+           output = self.trailing_output }
 end
 
 -- require "busted" in a spec or helper gives the DSL too: busted.describe(...)

@@ -30,6 +30,14 @@ local raw = caps.raw
 local type, tostring, error, select, setmetatable, getmetatable, tonumber =
   type, tostring, error, select, setmetatable, getmetatable, tonumber
 local next, rawget, rawlen = raw.next, raw.rawget, raw.len
+-- Every traversal below iterates with `walk`, never with a variable named `next` or
+-- `pairs`: LuaJIT turns loops over those names into ITERN, and this LuaJIT (lupa 2.8's
+-- 2.1.1774896198) can silently drop an element from such a loop when a trace records
+-- next() right after the loop was despecialized, e.g. blacklisted (LuaJIT issue #1510,
+-- fixed upstream in 27f169c6, 2026-08-18). Here a dropped element would be a member
+-- missing from the file, or a valid array refused as "sparse". tests/test_json.py checks
+-- that no loop of this file or the encoder is an ITERN loop.
+local walk = raw.next
 local tnew, tclear = raw.table_new, raw.table_clear
 local tsort, tconcat = raw.sort, raw.concat
 local new_buffer = raw.buffer.new
@@ -151,7 +159,7 @@ local function set_state(p, live, depth, top)
   if mt.live == live and mt.depth == depth and mt.top == top then return end
   mt.live, mt.depth, mt.top = live, depth, top
   mt.__newindex = lazy_guard
-  for _, x in next, mt.__index do
+  for _, x in walk, mt.__index do
     if type(x) == "table" then set_state(x, live, depth + 1, top) end
   end
 end
@@ -162,7 +170,7 @@ local function detach_walk(p)
   if not mt.live then return end
   mt.live = false
   mt.__newindex = lazy_guard
-  for _, x in next, mt.__index do
+  for _, x in walk, mt.__index do
     if type(x) == "table" then detach_walk(x) end
   end
 end
@@ -174,7 +182,7 @@ local function copy_node(p, depth, live, top)
   local b = tnew(rawlen(src), 0)
   local mt = new_mt(b, depth, live, top)
   local ctop = mt.top
-  for k, x in next, src do
+  for k, x in walk, src do
     if type(x) == "table" then x = copy_node(x, depth + 1, live, ctop) end
     b[k] = x
   end
@@ -294,7 +302,7 @@ end
 local function check_subtree(p, depth, target)
   if p == target then fail(tostring(p) .. " would contain itself (a cycle)") end
   if depth > MAX_DEPTH then fail_depth(p) end
-  for _, x in next, backing(p) do
+  for _, x in walk, backing(p) do
     if type(x) == "table" then check_subtree(x, depth + 1, target) end
   end
 end
@@ -316,7 +324,7 @@ local function check_table(v, depth, target, seen, sizes)
   end
   seen[v] = IN_PROGRESS
   local nidx, nstr, maxi = 0, 0, 0
-  for k, x in next, v do
+  for k, x in walk, v do
     local tk = type(k)
     if tk == "string" then
       if not ok_strings[k] then check_string(k, true) end
@@ -368,7 +376,7 @@ local function place(v, depth, live, top, seen, sizes)
       b[i] = x
     end
   else
-    for k, x in next, v do
+    for k, x in walk, v do
       if type(x) == "table" then x = place(x, depth + 1, live, ctop, seen, sizes) end
       b[k] = x
     end
@@ -514,7 +522,7 @@ function encode_node(buf, p)
     return
   end
   local sep = "{"
-  for k, v in next, b do
+  for k, v in walk, b do
     buf:put(sep)
     sep = ","
     put_string(buf, k)
@@ -545,7 +553,7 @@ local function encode_root(r)
   local buf = out_buf
   buf:reset()
   local sep = "{"
-  for k, v in next, backing(r) do
+  for k, v in walk, backing(r) do
     if type(v) == "table" then
       buf:put(sep, root_json[k] or encode_top(k, v))
     else
@@ -746,8 +754,15 @@ end
 
 local function dirty() return changed or disk_seq < snap_seq end
 
+local pcall = pcall
 local function snapshot()
-  local json = encode_root(get_root())
+  local ok, json = pcall(encode_root, get_root())
+  if not ok then
+    -- out of memory, most likely: give the half-grown buffers back before reporting it
+    out_buf:free()
+    top_buf:free()
+    error(json, 0)
+  end
   snap_seq = snap_seq + 1
   changed = false
   return json, snap_seq
@@ -829,7 +844,7 @@ function H.load(json)
   if c ~= 123 then error("datastore file: the top level is not a JSON object", 0) end
   local r = get_root()
   local mt = rawget(r, NODE)
-  for _, x in next, mt.__index do
+  for _, x in walk, mt.__index do
     if type(x) == "table" then detach(x) end
   end
   local b = new_root_backing()
@@ -848,7 +863,15 @@ end
 
 H.written = written
 H.is_dirty = dirty
-function H.encode() return encode_root(get_root()) end
+function H.encode()
+  local ok, s = pcall(encode_root, get_root())
+  if not ok then
+    out_buf:free()
+    top_buf:free()
+    error(s, 0)
+  end
+  return s
+end
 H.is_node = is_node
 
 caps.datastore_host = H

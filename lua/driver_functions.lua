@@ -19,6 +19,7 @@ local str_format, str_find, str_match = string.format, string.find, string.match
 local tconcat, tsort = table.concat, table.sort
 
 local json = require "hubhost.json"
+local error_text = caps.sandbox.error_text
 
 local M = {}
 
@@ -158,11 +159,17 @@ local function check_string_list(what, v, level)
   if type(v) ~= "table" then bad(what .. " must be a list of names, got " .. type(v), level) end
   local kind = table_kind(v)
   if kind == nil or kind == "object" then bad(what .. " must be a list of names", level) end
+  -- returns a plain copy; `#v` is evaluated once (a driver's __len may answer differently
+  -- each time, and a copy loop over nils would run in a compiled trace the hook never sees)
+  local copy = {}
   for i = 1, #v do
-    if type(v[i]) ~= "string" then
-      bad(str_format("%s[%d] must be a string, got %s", what, i, type(v[i])), level)
+    local x = v[i]
+    if type(x) ~= "string" then
+      bad(str_format("%s[%d] must be a string, got %s", what, i, type(x)), level)
     end
+    copy[i] = x
   end
+  return copy
 end
 
 -- Normalise a template into { functions = name -> spec, security = name -> level, ... }.
@@ -219,14 +226,20 @@ local function describe(t, level)
       end
     end
   end
-  if t.implements ~= nil then check_string_list("template.implements", t.implements, level) end
+  -- implements / requirements are copied into plain lists here, while the template is
+  -- checked (under the entry chunk's budget): the interface never reads the driver's
+  -- tables again, whatever metatables they get later.
+  out.implements, out.requirements = {}, {}
+  if t.implements ~= nil then
+    out.implements = check_string_list("template.implements", t.implements, level)
+  end
   if t.requirements ~= nil then
     if type(t.requirements) ~= "table" then
       bad("template.requirements must be a table { Module = { \"Interface\", ... } }", level)
     end
     for k, v in pairs(t.requirements) do
       if type(k) ~= "string" then bad("template.requirements keys must be module names (strings)", level) end
-      check_string_list("template.requirements." .. k, v, level)
+      out.requirements[k] = check_string_list("template.requirements." .. k, v, level)
     end
   end
   return out
@@ -266,6 +279,11 @@ local function security_lists(d)
   return lists
 end
 
+-- driver -> { interface, timeouts, metadata } computed by caps.prepare_driver at load, under
+-- the CPU budget: the host asks for them later with no budget armed, and they are built
+-- from driver tables (implements, requirements, defaults) that may carry metamethods.
+local prepared = setmetatable({}, { __mode = "k" })
+
 -- { fn = { description = "...", params = { p = "..." } } } for the functions and params that
 -- have descriptions, or nil when none has one (the interface stays as DESIGN section 5 shows).
 local function descriptions(d)
@@ -285,11 +303,8 @@ local function descriptions(d)
   end
   return any and out or nil
 end
-M.descriptions = descriptions
 
---- Interface JSON text (functions and params in a stable order) and a JSON object of
--- per-function timeouts (host-only information).
-function M.metadata_json(driver)
+local function metadata_json(driver)
   local d = description(driver)
   local parts = {}
   for _, name in ipairs(d.names) do
@@ -313,17 +328,15 @@ function M.metadata_json(driver)
   for _, lvl in ipairs({ "support", "administrator" }) do
     if sec[lvl] then sec_parts[#sec_parts + 1] = quote(lvl) .. ":" .. encode(sec[lvl]) end
   end
-  local req = driver.requirements
+  local req = d.requirements
   local req_text = "{}"
   if req and next(req) ~= nil then req_text = encode(req) end
-  local impl = driver.implements
+  local impl = d.implements
   local impl_text = "[]"
   if impl and #impl > 0 then impl_text = encode(impl) end
-  local desc_text = ""
   local descs = descriptions(d)
-  if descs then desc_text = ',"descriptions":' .. encode(descs) end
-  local interface = '{' .. desc_text:sub(2) .. (desc_text ~= "" and "," or "") ..
-    '"functions":{' .. tconcat(parts, ",") .. '},"implements":' .. impl_text ..
+  local desc_text = descs and ('"descriptions":' .. encode(descs) .. ",") or ""
+  local interface = '{' .. desc_text .. '"functions":{' .. tconcat(parts, ",") .. '},"implements":' .. impl_text ..
     ',"requirements":' .. req_text .. ',"security":{' .. tconcat(sec_parts, ",") .. '}}'
   local timeouts = {}
   for _, name in ipairs(d.names) do
@@ -333,8 +346,29 @@ function M.metadata_json(driver)
   return interface, "{" .. tconcat(timeouts, ",") .. "}"
 end
 
+--- Interface JSON text (functions and params in a stable order) and a JSON object of
+-- per-function timeouts (host-only information).
+function M.metadata_json(driver)
+  local p = prepared[driver]
+  if p then
+    if p.err then error(p.err, 0) end
+    return p.interface, p.timeouts
+  end
+  return metadata_json(driver)
+end
+
+local build_metadata
 local prev_metadata = caps.metadata
 function caps.metadata(driver)
+  local p = prepared[driver]
+  if p then
+    if p.err then error(p.err, 0) end
+    return p.metadata
+  end
+  return build_metadata(driver)
+end
+
+function build_metadata(driver)
   local base = prev_metadata and prev_metadata(driver) or {}
   local d = description(driver)
   local fns = {}
@@ -346,11 +380,26 @@ function caps.metadata(driver)
     fns[name] = ps
   end
   base.functions = fns
-  base.implements = driver.implements or {}
-  base.requirements = driver.requirements or {}
+  base.implements = d.implements
+  base.requirements = d.requirements
   base.security = security_lists(d)
   base.descriptions = descriptions(d)
   return base
+end
+
+-- Called by runtime.lua right after the entry chunk, still under its CPU budget. A driver
+-- whose interface cannot be built loads anyway; asking for its interface raises the error.
+local prev_prepare = caps.prepare_driver
+function caps.prepare_driver(driver)
+  if prev_prepare then prev_prepare(driver) end
+  local ok, interface, timeouts = pcall(metadata_json, driver)
+  local ok2, md = pcall(build_metadata, driver)
+  if ok and ok2 then
+    prepared[driver] = { interface = interface, timeouts = timeouts, metadata = md }
+  else
+    local e = ok and md or interface
+    prepared[driver] = { err = type(e) == "string" and e or "the driver's interface cannot be built" }
+  end
 end
 
 ---------------------------------------------------------------------------------------------
@@ -383,14 +432,21 @@ local function driver_location(tb)
   return nil
 end
 
--- The driver_error text of a raised error: its message, always with the driver's file:line
--- (error("x", 0) and error({...}) carry none of their own).
-local function error_text(m, tb)
-  local msg = tostring(m)
-  if type(m) == "table" and type(m.message) == "string" then msg = m.message end
-  if type(m) == "string" and str_find(m, "^[^\n]-:%d+: ") then return msg end
+-- The driver_error text always names the driver's file:line: error("x", 0) and error
+-- objects carry none of their own.
+local function located(msg, tb)
+  if str_find(msg, "^[^\n]-:%d+: ") or msg == "not enough memory" then return msg end
   local where = driver_location(tb or "")
   return where and (where .. ": " .. msg) or msg
+end
+
+-- error({ message = "..." }) is common Lua style: its message, read raw (no metamethods)
+local function message_of(m)
+  if type(m) == "table" then
+    local v = rawget(m, "message")
+    if type(v) == "string" then return v end
+  end
+  return error_text(m)
 end
 
 function M.invoke(driver, device_id, name, args, call_id)
@@ -410,21 +466,29 @@ function M.invoke(driver, device_id, name, args, call_id)
   if type(spec) ~= "table" or device == nil then
     return report(false, "driver has no function " .. tostring(name) .. " for device " .. tostring(device_id))
   end
+  -- The message handler runs before a CPU-limit abort is re-raised past us: report then.
+  -- An error object is turned into text under the budget (error_text): its __tostring is
+  -- the driver's, and an abort inside it is reported as the abort.
+  -- Not for an out-of-memory error: the handler's memory is still live in the message
+  -- handler, and a crossing into Python that cannot allocate breaks lupa (a stale GIL);
+  -- that one is reported after the unwinding and a full collection.
   local co = coroutine.running()
   if co then active[call_id] = { co = co, label = name .. " [" .. tostring(device_id) .. "]" } end
-  -- The message handler runs before a CPU-limit abort is re-raised past us: report then.
   local ok, res, err = xpcall(spec.handler, function(m)
-    local msg = error_text(m, debug.traceback("", 2))
-    report(false, msg)
+    local msg = located(message_of(m), debug.traceback("", 2))
+    if msg ~= "not enough memory" then report(false, msg) end
     return msg
   end, driver, device, args)
+  if not ok and res == "not enough memory" and caps.collect_garbage then
+    caps.collect_garbage()
+  end
   if not ok then
-    caps.log("warn", device_id, "function " .. name .. " failed: " .. tostring(res))
-    return report(false, tostring(res))
+    caps.log("warn", device_id, "function " .. name .. " failed: " .. res)
+    return report(false, res)
   end
   if res == nil and err ~= nil then
     -- `return nil, err`: the Lua convention for a failure; the caller gets driver_error
-    return report(false, type(err) == "string" and err or tostring(err))
+    return report(false, message_of(err))
   end
   local text, problem = try_encode(res, "Results of function " .. name, "result")
   if text == nil then return report(false, problem) end
@@ -545,5 +609,7 @@ function caps.on_driver_built(d)
   if d.system == nil then d.system = system end
 end
 
+-- The host's entry points (invoke, deliver, metadata_json, sync_*) go to the host only:
+-- `require "driver_functions"` from driver code gets the harmless helpers.
 caps.functions_api = M
-return M
+return { quote = M.quote, encode = M.encode, parse_type = M.parse_type }

@@ -75,6 +75,19 @@ function Driver:get_device(id) return caps.devices()[id] end
 -- Devices.
 local Device = {}
 local device_lazy = {}
+-- Device objects made by the host -> their ids. Privately: a device table is the driver's
+-- to change (or to copy with setmetatable(..., getmetatable(device))), so its `id` field is
+-- never trusted for status, sends, requests or stores.
+local device_ids = setmetatable({}, { __mode = "k" })
+
+local function own_id(self, what)
+  local id = type(self) == "table" and device_ids[self] or nil
+  if id == nil then
+    error(what .. ": not a device of this driver (use the device objects the host passes to handlers)", 3)
+  end
+  return id
+end
+function caps.device_id(device) return device_ids[device] end
 Device.__index = function(self, k)
   local m = Device[k]
   if m ~= nil then return m end
@@ -87,8 +100,9 @@ Device.__index = function(self, k)
 end
 
 function device_lazy.persistent_store(self)
+  local id = own_id(self, "device.persistent_store")
   if not caps.device_store then error("device.persistent_store: no datastore in this host", 3) end
-  return caps.device_store(self.id)
+  return caps.device_store(id)
 end
 
 -- device.status: assigning sets and publishes (only a change in JSON text counts),
@@ -105,49 +119,68 @@ local function plain(v)
   return c
 end
 
+local status_values = {}   -- device id -> { name -> value }, as last set
+
+-- Set one status value of the device `id` (an id the host gave; checked again by the host).
+local function set_status(id, k, v, level)
+  level = (level or 1) + 1
+  if type(k) ~= "string" then
+    error("device.status: status names are strings, got " .. type(k), level)
+  end
+  local text = nil
+  if v ~= nil then
+    local problem
+    text, problem = try_encode(v, "Status values", k)
+    if text == nil then error(problem, level) end
+    if type(v) == "table" then v = plain(v) end
+  end
+  local changed, err = status_set(id, k, text)
+  if err then error(err, level) end
+  local values = status_values[id]
+  if values == nil then
+    values = {}
+    status_values[id] = values
+  end
+  values[k] = v
+  return changed
+end
+-- For the host glue (devicelink.lua): never through the device table.
+function caps.set_status(id, k, v) return set_status(id, k, v, 2) end
+
 function device_lazy.status(self)
-  local id = self.id
-  local values = {}
+  local id = own_id(self, "device.status")
   return setmetatable({}, {
-    __index = function(_, k) return values[k] end,
-    __newindex = function(_, k, v)
-      if type(k) ~= "string" then
-        error("device.status: status names are strings, got " .. type(k), 2)
-      end
-      local text = nil
-      if v ~= nil then
-        local problem
-        text, problem = try_encode(v, "Status values", k)
-        if text == nil then error(problem, 2) end
-        if type(v) == "table" then v = plain(v) end
-      end
-      local changed, err = status_set(id, k, text)
-      if err then error(err, 2) end
-      values[k] = v
+    __index = function(_, k)
+      local values = status_values[id]
+      return values and values[k]
     end,
-    __pairs = function() return next, values, nil end,
+    __newindex = function(_, k, v) set_status(id, k, v, 2) end,
+    __pairs = function() return next, status_values[id] or {}, nil end,
     __metatable = "device.status",
   })
 end
 
 -- not tail calls: errors raised by caps.send/request name the driver's line (level 3)
 function Device:send(bytes)
+  local id = own_id(self, "device:send")
   if not caps.send then error("device:send: this driver has no transport", 2) end
-  local ok = caps.send(self.id, bytes)
+  local ok = caps.send(id, bytes)
   return ok
 end
 
 function Device:request(bytes, opts)
+  local id = own_id(self, "device:request")
   if not caps.request then error("device:request: this driver has no transport", 2) end
-  local answer, err = caps.request(self.id, bytes, opts)
+  local answer, err = caps.request(id, bytes, opts)
   return answer, err
 end
 
 --- From on_receive: mark the request in flight answered; the requester gets `frame` (or "").
 -- For answers that span several frames or need the driver's judgement.
 function Device:answer(frame)
+  local id = own_id(self, "device:answer")
   if not caps.answer then error("device:answer: this driver has no transport", 2) end
-  caps.answer(self.id, frame)
+  caps.answer(id, frame)
 end
 
 function Device:emit(name, value)
@@ -161,6 +194,8 @@ function caps.make_device(info)
     config = info.config or {},
     log = log.for_device(info.id),
   }
+  device_ids[d] = info.id
+  status_values[info.id] = nil   -- a (re)started device reads what it sets from now on
   return setmetatable(d, Device)
 end
 

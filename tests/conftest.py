@@ -12,6 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as _hypothesis_settings
+
+# Hypothesis profiles (tests/hypo.py scales example counts with them):
+# - ci (default): derandomized, so every run tries the same examples and a failure is
+#   reproducible; no example database, so a run does not depend on what earlier runs found.
+# - long (HYPOTHESIS_PROFILE=long, not in CI): random examples, 20x as many, and the
+#   database in .hypothesis/ so a failure found once is tried first next time.
+_hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None,
+                                      print_blob=True)
+_hypothesis_settings.register_profile("long", derandomize=False, deadline=None, print_blob=True)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _FORBIDDEN_PORTS = {6379}  # a developer's or the system's own Redis: never touch it
 

@@ -136,6 +136,11 @@ class HubProcess:
                     return int(line.split()[1]) * 1024
         return 0
 
+    def anon(self, pid: int) -> int:
+        with open(f"/proc/{pid}/statm") as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
     def stop(self, timeout: float = 10.0) -> tuple[int, float]:
         """SIGTERM; returns (exit status, seconds it took)."""
         t0 = time.monotonic()

@@ -138,10 +138,18 @@ def test_logs_carry_journal_priorities_under_systemd(tmp_path: Path) -> None:
     env = dict(os.environ, JOURNAL_STREAM="8:12345")
     p = subprocess.Popen([*HUBHOST, "run", "--config", str(cfg), "--state-dir", str(tmp_path / "state")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    time.sleep(1.5)
+    seen = []
+    deadline = time.monotonic() + 30   # a SIGINT during start-up abandons it: wait for the lines
+    while time.monotonic() < deadline and p.stdout is not None:
+        line = p.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "running" in line and "[d]" in line:
+            break
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=12)
-    lines = out.splitlines()
+    lines = "".join(seen + [out]).splitlines()
     assert any(line.startswith("<3>") and "an error line" in line for line in lines)
     assert any(line.startswith("<6>") and "an info line" in line for line in lines)
     assert all(line.startswith("<") for line in lines if line)

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypo import examples
 
 from drivers_datastore.kit import PREFIX, Kit, text
 
@@ -199,7 +200,7 @@ def test_random_values_round_trip_or_are_refused_without_a_trace(tmp_path: Path)
     counter = [0]
     stats = {"accepted": 0, "rejected": 0}
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=examples(300), deadline=None, suppress_health_check=list(HealthCheck))
     @given(example=EXAMPLE)
     def check(example: tuple) -> None:
         desc, pre_dirty = example

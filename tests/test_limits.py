@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import time
@@ -164,5 +165,98 @@ def test_memory_bomb_is_stopped_at_the_limit(tmp_path: Path) -> None:
             # its drivers' Lua memory once a second)
             await asyncio.sleep(1.2)
             assert 0 < sup.slots["spinner"].memory < 16 * 1024 * 1024
+
+    run(main())
+
+
+def test_hostile_runtime_attacks_leave_the_hub_and_its_neighbour_alone(tmp_path: Path) -> None:
+    """Issue 11's in-sandbox attacks against a real hub, with an innocent neighbour whose
+    100 ms timer sets its device's status: a leaked-token forged save, a status hijack of
+    the neighbour's device, a timer flood, an error object whose __tostring spins, an
+    xpcall whose handler spins, a resume chain that used to segfault, forged log lines."""
+    write_driver(tmp_path, "attacker", """
+        local driver_helper = require "driver_helper"
+        local log = require "log"
+        local d = driver_helper.init { name = "attacker" }
+        local spin = function() while true do end end
+        d:call_with_delay(0.2, function(drv)
+          local dev = drv:get_device("evil1")
+          -- 1. the private wait token: a driver coroutine's sleep is not handed to us
+          local ok, w = coroutine.resume(coroutine.create(function() driver_helper.sleep(0) end))
+          log.info("token leaked: " .. tostring(type(w) == "table"))
+          pcall(coroutine.yield, w, "host", "save", { 999999, "not json\\0" })
+        end, "token")
+        d:call_with_delay(0.3, function(drv)
+          local dev = drv:get_device("evil1")
+          local ok, e = pcall(function()
+            setmetatable({ id = "inn1" }, getmetatable(dev)).status.power = "hijacked"
+          end)
+          log.info("hijack refused: " .. tostring(not ok))
+          local n = 0
+          for i = 1, 343000 do
+            if not pcall(drv.call_with_delay, drv, 3600, function() end) then break end
+            n = n + 1
+          end
+          log.info("timers accepted: " .. n)
+          log.info("line\\n[innocent] FORGED LINE\\27[31m")
+        end, "hijack")
+        d:call_with_delay(0.4, function() error(setmetatable({}, { __tostring = spin })) end, "tostring")
+        d:call_with_delay(1.0, function() xpcall(spin, spin) end, "xpcall")
+        d:call_with_delay(1.6, function()
+          local function f(n) return coroutine.resume(coroutine.create(f), n + 1) end
+          log.info("resume chain ended: " .. tostring(select(2, pcall(f, 1)) ~= nil))
+        end, "chain")
+        return d
+    """)
+    write_driver(tmp_path, "innocent", """
+        local driver_helper = require "driver_helper"
+        local log = require "log"
+        local d = driver_helper.init { name = "innocent" }
+        local n = 0
+        d:call_on_schedule(0.1, function(drv)
+          n = n + 1
+          drv:get_device("inn1").status.power = "on " .. n
+          log.info("tick")
+        end, "tick")
+        return d
+    """)
+    cfg = write_config(tmp_path / "hub.toml", """
+        [[drivers]]
+        id = "attacker"
+        path = "attacker"
+        cpu_limit = 0.3
+        max_timers = 2000
+
+        [[drivers.devices]]
+        id = "evil1"
+
+        [[drivers]]
+        id = "innocent"
+        path = "innocent"
+
+        [[drivers.devices]]
+        id = "inn1"
+    """)
+
+    async def main() -> None:
+        async with running_hub(cfg, tmp_path / "state") as (sup, cap):
+            powers: list[str | None] = []
+            sup.status.add_listener(lambda dev, name, value: powers.append(value) if dev == "inn1" else None)
+            start = time.time()
+            await cap.wait_for("resume chain ended", timeout=6)
+            end = time.time()
+            assert cap.lines("token leaked: false") and cap.lines("hijack refused: true")
+            assert cap.lines("timers accepted: 1997")   # 3 of its timers still pending
+            assert len(cap.lines("timer tostring aborted: cpu limit exceeded")) == 1
+            assert len(cap.lines("timer xpcall aborted: cpu limit exceeded")) == 1
+            assert cap.lines("resume chain ended: true")
+            forged = [line for line in cap.lines("FORGED")]
+            assert forged and all("\n" not in line and "\x1b" not in line for line in forged)
+            assert powers and not [p for p in powers if p and "hijacked" in p]
+            assert _max_gap(cap.times("tick"), start + 0.05, end) < 0.35
+            assert sup.slots["attacker"].state == "running"
+            store = tmp_path / "state" / "attacker" / "datastore.json"
+            if store.exists():
+                json.loads(store.read_text())
 
     run(main())

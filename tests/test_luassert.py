@@ -136,9 +136,9 @@ CASES: list[tuple[str, str, str, str | None]] = [
     ("returned_arguments passes", "assert.returned_arguments(2, 1, 2); assert.returned_arguments(0)",
      "success", OK),
     ("returned_arguments fails", "assert.returned_arguments(2, 1)", "failure",
-     "Expected to be called with 2 argument(s), but was called with 1"),
+     "Expected 2 results(s) to be returned, but got 1"),
     ("not returned_arguments fails", "assert.is_not.returned_arguments(1, 'x')", "failure",
-     "Expected not to be called with 1 argument(s), but was called with 1"),
+     "Expected not 1 results(s) to be returned, but got 1"),
     # -- plain assert ------------------------------------------------------------------------
     ("plain assert returns its arguments",
      "local a, b, c = assert(1, 2, 3); assert.are.same({1, 2, 3}, {a, b, c})", "success", OK),
@@ -164,11 +164,14 @@ CASES: list[tuple[str, str, str, str | None]] = [
     ("spy not called exactly fails", "local s = spy.new(); s(); assert.spy(s).was_not.called(1)", "failure",
      "Expected not to be called exactly 1 time(s), but it was."),
     ("spy called_with fails", "local s = spy.new(); s(1, 'a'); assert.spy(s).was.called_with(1, 'b')",
-     "failure", "Function was not called with the arguments"),
+     "failure", "Function was never called with matching arguments.\nCalled with (last call if any):\n"
+     "(values list) ((number) 1, (string) 'a')\nExpected:\n(values list) ((number) 1, (string) 'b')"),
     ("spy called_with counts trailing nils", "local s = spy.new(); s(1, nil); assert.spy(s).was.called_with(1)",
-     "failure", "Function was not called with the arguments"),
+     "failure", "Function was never called with matching arguments.\nCalled with (last call if any):\n"
+     "(values list) ((number) 1, (nil))\nExpected:\n(values list) ((number) 1)"),
     ("spy not called_with fails", "local s = spy.new(); s(1); assert.spy(s).was_not.called_with(1)",
-     "failure", "Function was called with the arguments"),
+     "failure", "Function was called with matching arguments at least once.\nCalled with (last matching call):\n"
+     "(values list) ((number) 1)\nDid not expect:\n(values list) ((number) 1)"),
     ("spy called_at_least fails", "local s = spy.new(); s(); assert.spy(s).was.called_at_least(2)",
      "failure", "Expected to be called at least 2 time(s), but was called 1 time(s)"),
     ("spy called_at_most fails", "local s = spy.new(); s(); s(); assert.spy(s).was.called_at_most(1)",
@@ -177,10 +180,12 @@ CASES: list[tuple[str, str, str, str | None]] = [
      "failure", "Expected to be called less than 1 time(s), but was called 1 time(s)"),
     ("spy returned_with fails",
      "local s = spy.new(function() return 1 end); s(); assert.spy(s).returned_with(2)",
-     "failure", "Function was not returned with the arguments"),
+     "failure", "Function never returned matching arguments.\nReturned (last call if any):\n"
+     "(values list) ((number) 1)\nExpected:\n(values list) ((number) 2)"),
     ("spy not returned_with fails",
      "local s = spy.new(function() return 1 end); s(); assert.spy(s).was_not.returned_with(1)",
-     "failure", "Function was returned with the arguments"),
+     "failure", "Function returned matching arguments at least once.\nReturned (last matching call):\n"
+     "(values list) ((number) 1)\nDid not expect:\n(values list) ((number) 1)"),
     ("spy copies arguments at call time",
      "local s = spy.new(); local t = {1}; s(t); t[1] = 2; assert.spy(s).was.called_with({1})",
      "success", OK),
@@ -241,10 +246,13 @@ CASES: list[tuple[str, str, str, str | None]] = [
      "success", OK),
     ("matcher mismatch fails",
      "local s = spy.new(); s('x', 3); assert.spy(s).was.called_with(match.is_string(), match.is_string())",
-     "failure", "Function was not called with the arguments"),
+     "failure", "Function was never called with matching arguments.\nCalled with (last call if any):\n"
+     "(values list) ((string) 'x', (number) 3)\nExpected:\n"
+     "(values list) ((matcher) is.string(), (matcher) is.string())"),
     ("ref matcher is by identity",
      "local s = spy.new(); s({}); assert.spy(s).was.called_with(match.is_ref({}))",
-     "failure", "Function was not called with the arguments"),
+     "failure", "Function was never called with matching arguments.\nCalled with (last call if any):\n"
+     "(values list) ((table: 0x…) { })\nExpected:\n(values list) ((matcher) is.ref((table: 0x…) { }))"),
     ("matchers are callable", "assert.is_true(match.is_string()('a')); assert.is_false(match.is_not_string()('a'))",
      "success", OK),
     # -- module identity ----------------------------------------------------------------
@@ -264,6 +272,38 @@ CASES: list[tuple[str, str, str, str | None]] = [
     ("snapshot reverts spies",
      "local t = {f = function() return 1 end}; local snap = assert:snapshot(); stub(t, 'f'); "
      "assert.is_nil(t.f()); snap:revert(); assert.are.equal(1, t.f())",
+     "success", OK),
+    # -- stored chains: luassert runs the whole chain on every call, so a chain kept in a
+    # local checks each call; the second call of each of these must fail (issue 14: it
+    # used to pass, the worst defect a test tool can have)
+    ("stored equal fails its second call", "local eq = assert.are.equal; eq(1, 1); eq(1, 2)", "failure",
+     "Expected objects to be equal.\nPassed in:\n(number) 2\nExpected:\n(number) 1"),
+    ("stored is_true fails its second call", "local t = assert.is_true; t(true); t(false)", "failure",
+     "Expected objects to be the same.\nPassed in:\n(boolean) false\nExpected:\n(boolean) true"),
+    ("stored called_with fails its second call",
+     "local s = spy.new(); s(1); local c = assert.spy(s).was.called_with; c(1); c(2)", "failure",
+     "Function was never called with matching arguments.\nCalled with (last call if any):\n"
+     "(values list) ((number) 1)\nExpected:\n(values list) ((number) 2)"),
+    ("stored negation stays negated", "local ne = assert.is_not.equal; ne(1, 2); ne(3, 4); ne(5, 5)", "failure",
+     "Expected objects to not be equal.\nPassed in:\n(number) 5\nDid not expect:\n(number) 5"),
+    ("stored chains pass every passing call",
+     "local eq, t = assert.are.equal, assert.is_true; for i = 1, 3 do eq(i, i); t(true) end", "success", OK),
+    ("stored matcher makes a matcher per call",
+     "local m = match.is_string; assert.is_true(m()('a')); assert.is_false(m()(1))", "success", OK),
+    # -- spies' messages list the call seen: the newest matching one, else the last one
+    ("called_with shows the last call", "local s = spy.new(); s('first'); s('last'); assert.spy(s).was.called_with('other')",
+     "failure", "Function was never called with matching arguments.\nCalled with (last call if any):\n"
+     "(values list) ((string) 'last')\nExpected:\n(values list) ((string) 'other')"),
+    ("called_with on a spy never called shows nil", "local s = spy.new(); assert.spy(s).was.called_with(1)",
+     "failure", "Function was never called with matching arguments.\nCalled with (last call if any):\n"
+     "(nil)\nExpected:\n(values list) ((number) 1)"),
+    ("called_with shows anything and negated matchers",
+     "local s = spy.new(); s(); assert.spy(s).was.called_with(match._, match.is_not.truthy(), match.is_same(2))",
+     "failure", "Function was never called with matching arguments.\nCalled with (last call if any):\n"
+     "(values list) ()\nExpected:\n(values list) ((matcher) _ *anything*, (matcher) no.truthy(), "
+     "(matcher) is.same((number) 2))"),
+    ("format knows matchers and argument lists",
+     "local out = assert:format({ match.is_equal('x'), n = 1 }); assert.are.equal(\"(matcher) is.equal((string) 'x')\", out[1])",
      "success", OK),
 ]
 

@@ -144,14 +144,19 @@ def test_restart_after_a_corrupt_file_uses_the_backup_and_logs_it(tmp_path: Path
     assert glob.glob(str(h.state_dir / "datastore.json.corrupt-*"))
 
 
-def test_kit_state_dirs_are_thrown_away(tmp_path: Path) -> None:
-    before = set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "hubhost-spec-*")))
+def test_kit_state_dirs_are_thrown_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kit's folders go to a temp dir of this test's own: other runs on the machine make
+    # hubhost-spec-* folders of their own in /tmp, which must not count here
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    before = set(glob.glob(os.path.join(str(tmp_path), "hubhost-spec-*")))
     spec = KITDRIVER / "spec" / "testkit_spec.lua"
     ids = [t.id for t in specrun.collect(spec) if "restart" in t.id]
     results = specrun.run(spec, ids)
     assert {r.status for r in results.values()} == {"success"}, results
     gc.collect()
-    after = set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "hubhost-spec-*")))
+    after = set(glob.glob(os.path.join(str(tmp_path), "hubhost-spec-*")))
     assert after <= before
 
 

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import orjson
+if TYPE_CHECKING:
+    import argparse
 
+# argparse, asyncio and orjson are imported where they are used: `hubhost test` (which
+# never parses with argparse) starts without them, a tenth of a second on a hub
 from hubhost import __version__, logs, paths
 
 log = logging.getLogger("hubhost")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from hubhost import config as config_mod
     from hubhost.hub import run
+    from hubhost.state.lock import StateDirError, StateDirLock
 
     if args.demo and args.config:
         print("hubhost run: give either --config or --demo, not both", file=sys.stderr)
@@ -37,7 +41,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"hubhost: config refused: {e}", file=sys.stderr)
         return 2
     logs.setup(args.log_level or cfg.log_level)
-    state = paths.state_dir(args.state_dir, cfg.state_dir)
+    demo_tmp: str | None = None
+    if args.demo and not args.state_dir:
+        # the demo never touches the user's real state: its driver ids (e.g. `projectors`)
+        # would otherwise leave devices that a later real hub sees as `removed`
+        import tempfile
+
+        demo_tmp = tempfile.mkdtemp(prefix="hubhost-demo-")
+        state = Path(demo_tmp)
+        print(f"hubhost: demo state in {state} (a fresh temporary folder, removed when the demo "
+              "stops; give --state-dir to keep it)", file=sys.stderr)
+    else:
+        state = paths.state_dir(args.state_dir, cfg.state_dir)
+    lock = StateDirLock(state)
+    try:
+        lock.acquire()
+    except StateDirError as e:
+        print(f"hubhost: {e}", file=sys.stderr)
+        return 2
+    problem = _socket_problem(cfg, state)
+    if problem is not None:
+        lock.release()
+        print(f"hubhost: {problem}", file=sys.stderr)
+        return 2
     if args.dev:
         from hubhost.supervisor.devmode import run_dev
         runner = run_dev(cfg, state, demo=args.demo)
@@ -47,6 +73,59 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return asyncio.run(runner)
     except KeyboardInterrupt:
         return 0
+    except OSError as e:   # a socket path, a port or a folder the hub cannot use
+        print(f"hubhost: cannot run the hub: {e}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+        if demo_tmp is not None:
+            import shutil
+
+            shutil.rmtree(demo_tmp, ignore_errors=True)
+
+
+def _socket_problem(cfg: Any, state: Path) -> str | None:
+    """Why the API's Unix socket path cannot be used (None: it can). Checked before any
+    driver starts, so a hub never runs half-configured without its API."""
+    import os
+    import socket as socket_mod
+    import stat
+
+    try:
+        from hubhost.api.server import ApiSettings, short_unix_path
+    except ImportError:
+        return None
+    settings = ApiSettings.from_config(cfg.api or {}, state)
+    if not settings.enabled:
+        return None
+    path = Path(settings.socket)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"API socket {path}: its folder {path.parent} cannot be used: {e.strerror or e}"
+    if not path.parent.is_dir():
+        return f"API socket {path}: {path.parent} is not a directory"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"API socket {path}: its folder {path.parent} is not writable by this user"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"API socket {path}: {e.strerror or e}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"API socket {path} exists and is not a socket; refusing to replace it"
+    addr, fd = short_unix_path(path)
+    probe = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    try:
+        probe.connect(addr)
+    except OSError:
+        return None   # stale: the server replaces it
+    finally:
+        probe.close()
+        if fd is not None:
+            os.close(fd)
+    return f"API socket {path}: another process is serving the API on it"
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -70,22 +149,38 @@ def _cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
+_NO_SPECS = ("hubhost test: no specs found: specs are Lua files named *_spec.lua, usually in "
+             "the driver's spec/ folder (see docs/driver-guide.md)")
+
+
 def run_tests(argv: Sequence[str]) -> int:
     """`hubhost test [PATHS...] [PYTEST OPTIONS...]`: pytest with the spec plugin, for driver
     authors who never touch Python. Everything is passed to pytest as given (so `-k`, `-x`,
     `--lf` work); with no paths pytest runs the current folder (or the project's testpaths).
-    A `--` before pytest options, as older versions wanted, is dropped."""
+    A `--` before pytest options, as older versions wanted, is dropped. With only paths
+    (and -q/-v) and nothing for pytest there but specs, the fast path runs them without
+    pytest's start-up (hubhost/testing/fastrun.py): same items, results and exit status."""
     import os
 
+    args = [a for a in argv if a != "--"] if "--" in argv else list(argv)
+    from hubhost.testing import fastrun
+
+    plan = fastrun.plan(args)
+    if plan is not None and plan.files:
+        try:
+            code = fastrun.run(plan)
+        except KeyboardInterrupt:
+            print("hubhost test: interrupted", file=sys.stderr)
+            return fastrun.EXIT_INTERRUPTED
+        if code == fastrun.EXIT_NO_TESTS:
+            print(_NO_SPECS, file=sys.stderr)
+        return code
     try:
         import pytest
     except ImportError:
         print("hubhost test: pytest is not installed; install it with "
               "`pip install 'hubhost[test]'` (or `pip install pytest`)", file=sys.stderr)
         return 2
-    args = list(argv)
-    if "--" in args:
-        args.remove("--")
     # hubhost is imported already (this module), so pytest cannot rewrite the plugin's asserts;
     # its warning would only puzzle an author
     extra = ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
@@ -94,8 +189,7 @@ def run_tests(argv: Sequence[str]) -> int:
     counter = _Collected()
     code = int(pytest.main([*extra, *args], plugins=[counter]))
     if code == int(pytest.ExitCode.NO_TESTS_COLLECTED) and counter.items == 0:
-        print("hubhost test: no specs found: specs are Lua files named *_spec.lua, usually in "
-              "the driver's spec/ folder (see docs/driver-guide.md)", file=sys.stderr)
+        print(_NO_SPECS, file=sys.stderr)
     return code
 
 
@@ -114,6 +208,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 
 def _cmd_datastore(args: argparse.Namespace) -> int:
+    import orjson
+
     from hubhost.state.datastore import read_store_file
 
     state = paths.state_dir(args.state_dir, _config_state_dir(args))
@@ -138,6 +234,8 @@ def _config_state_dir(args: argparse.Namespace) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog="hubhost", description="Embedded Lua driver host for edge hubs.")
     p.add_argument("--version", action="version", version=f"hubhost {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

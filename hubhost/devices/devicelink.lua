@@ -9,7 +9,8 @@
 
 local R, caps, host, sb, cpu_limit = ...
 
-local type, tostring, error, select, pairs, pcall = type, tostring, error, select, pairs, pcall
+local type, tostring, error, select, pairs, pcall, rawget =
+  type, tostring, error, select, pairs, pcall, rawget
 local huge, floor = math.huge, math.floor
 
 local host_open, host_close, host_send, host_answer, host_request = host.link_open,
@@ -44,11 +45,13 @@ function caps.device_started(device)
   if prev_started then prev_started(device) end
   local driver = caps.driver()
   if driver == nil then return end
-  local id = device.id
-  labels[id] = "on_receive [" .. tostring(id) .. "]"
-  if host_open(id, driver.transport or false) then
+  local id = caps.device_id(device)
+  if id == nil then return end
+  labels[id] = "on_receive [" .. id .. "]"
+  local transport = rawget(driver, "transport")
+  if host_open(id, type(transport) == "string" and transport or false) then
     -- known from the start: not connected until the transport says so
-    local ok, err = pcall(function() device.status.connected = false end)
+    local ok, err = pcall(caps.set_status, id, "connected", false)
     if not ok then caps.log("error", id, "cannot set status connected: " .. tostring(err)) end
   end
 end
@@ -123,6 +126,14 @@ local function check_options(opts)
   return timeout, retries, priority, name, match
 end
 
+-- Requests waiting for their answer, for the max_pending_requests cap.
+local limits = caps.limits
+local pending_requests = 0
+local function request_done(...)
+  pending_requests = pending_requests - 1
+  return ...
+end
+
 function caps.request(id, data, opts)
   if type(data) ~= "string" then
     error("device:request: data must be a string of bytes, got " .. type(data), 3)
@@ -131,9 +142,13 @@ function caps.request(id, data, opts)
   if not sb.can_wait() then
     error("device:request: can only be called from a handler (it yields until the answer)", 3)
   end
+  if pending_requests >= limits.max_pending_requests then
+    caps.limit_error("pending device requests", "max_pending_requests", "requests waiting for an answer", 3)
+  end
   -- resumed by the host with (frame, nil) or (nil, "timeout" | "disconnected" | ...)
   host_request(id, data, timeout, retries, priority, name, match)
-  return caps.host_wait("request", false)
+  pending_requests = pending_requests + 1
+  return request_done(caps.host_wait("request", false))
 end
 
 function caps.answer(id, frame)
@@ -153,9 +168,9 @@ function L.receive(id, ...)
   local n = select("#", ...)
   local driver = caps.driver()
   local device = caps.devices()[id]
-  local on_receive = driver and driver.on_receive
+  local on_receive = R.driver_function("on_receive")   -- raw: the budget is not armed here
   if device == nil then return n, true end              -- removed meanwhile: dropped
-  if type(on_receive) ~= "function" then return n, false end
+  if on_receive == nil then return n, false end
   local label = labels[id] or ("on_receive [" .. tostring(id) .. "]")
   local call = R.call
   if n == 1 then
@@ -175,23 +190,36 @@ end
 function L.connection(id, up, reason)
   local device = caps.devices()[id]
   if device == nil then return end
-  local ok, err = pcall(function() device.status.connected = up end)
+  local ok, err = pcall(caps.set_status, id, "connected", up)
   if not ok then caps.log("error", id, "cannot set status connected: " .. tostring(err)) end
   if up then
-    R.lifecycle("connected", device)
+    R.device_lifecycle("connected", id)
   else
-    R.lifecycle("disconnected", device, reason)
+    R.device_lifecycle("disconnected", id, reason)
   end
 end
 
 -- One call of a `pattern` framing function: (ok, frame, rest) or (false, message).
 -- `return nil` alone means "need more bytes, keep the buffer".
+-- An error object is turned into text before the budget is disarmed (its __tostring is the
+-- driver's); results must be strings (or nil), never driver tables handed to the host.
+local error_text = sb.error_text
 function L.tokenize(fn, buffer, label)
+  if sb.armed() then   -- called from inside a running handler: never re-arm (see sandbox.lua)
+    return false, "framing pattern not run: called from inside a running handler"
+  end
   sb.arm(cpu_limit, label)
   local ok, frame, rest = pcall(fn, buffer)
+  if not ok then frame = error_text(frame) end
   local abort = sb.disarm()
   if abort then return false, abort end
-  if not ok then return false, tostring(frame) end
+  if not ok then return false, frame end
+  if frame ~= nil and type(frame) ~= "string" then
+    return false, "framing pattern: the frame must be a string or nil, got " .. type(frame)
+  end
+  if rest ~= nil and type(rest) ~= "string" then
+    return false, "framing pattern: the rest must be a string or nil, got " .. type(rest)
+  end
   if frame == nil and rest == nil then rest = buffer end
   return true, frame, rest
 end

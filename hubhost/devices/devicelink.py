@@ -314,6 +314,7 @@ class DeviceLink:
         self.owner.post(self.owner.rt.resume, token, frame, reason.encode() if reason else None)
 
     def write(self, data: bytes) -> None:
+        self.owner.send_written += len(data)   # loop thread: the send backlog shrinks
         try:
             self.transport.send(data)
         except SendBufferFull as e:
@@ -333,7 +334,17 @@ class DeviceLink:
             return None, (f"{self.id} is not connected ({self.transport.describe}); "
                           "wait for the connected handler, or use device:request, which "
                           "returns nil, \"disconnected\"").encode()
-        self.owner.to_loop(self.write, bytes(data))
+        owner = self.owner
+        limit = owner.rt.max_send_backlog
+        backlog = owner.send_backlog
+        # one send bigger than the cap still goes when nothing waits (its bytes were in the
+        # driver's own heap); after it, nothing more until the transports took it
+        if backlog > 0 and backlog + len(data) > limit:
+            return None, (f"send backlog full: {backlog} bytes of this driver's sends are waiting "
+                          f"to be written and this one is {len(data)}; limit of {limit} bytes per "
+                          "driver reached (max_send_backlog)").encode()
+        owner.send_posted += len(data)   # driver thread
+        owner.to_loop(self.write, bytes(data))
         return True, None
 
     def _feed_pattern(self, chunk: bytes) -> None:
@@ -403,6 +414,14 @@ class DriverLinks:
         self._outbox: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
         self._next_request: tuple[Any, ...] | None = None
         self.lua: Any = None
+        # device:send bytes handed to the loop (driver thread writes) and written to the
+        # transports (loop writes): their difference is the send backlog (max_send_backlog)
+        self.send_posted = 0
+        self.send_written = 0
+
+    @property
+    def send_backlog(self) -> int:
+        return self.send_posted - self.send_written
 
     def install(self) -> None:
         """On the driver thread, before the entry chunk: host functions and the Lua glue."""
@@ -472,7 +491,7 @@ class DriverLinks:
         if old is not None:   # started again (config reload): the new settings win
             self.loop.call_soon_threadsafe(self._close_link, old)
         try:
-            spec, pattern = framing_spec(self.rt.R.driver().framing)
+            spec, pattern = framing_spec(self.rt.framing())
             link = DeviceLink(self, info, kind, spec, pattern)
         except (FramingError, ValueError) as e:
             log.error("%s cannot set up its %s transport: %s", prefix, kind, e)

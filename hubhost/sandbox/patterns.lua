@@ -47,8 +47,12 @@ a subject of n bytes and a pattern p:
   gmatch decides per step (on the remaining length); gsub's Lua loop finds each match by the
   same rules and builds the result in Lua.
 
-Known difference: a gsub replacement function may yield when the Lua path runs it (the C
-function would raise "attempt to yield across C-call boundary"). Out-of-range numbers for
+gsub with a replacement function or table always takes the Lua path: called from the C
+function, a replacement that calls gsub again nests C calls until the C stack overflows
+(a segfault); from Lua, nesting ends in a "stack overflow" error.
+
+Known difference: a gsub replacement function may yield (the C function would raise
+"attempt to yield across C-call boundary"). Out-of-range numbers for
 `init` are converted the way this platform's LuaJIT converts them (probed at load time).
 ]]
 
@@ -1043,7 +1047,13 @@ end
 local function gsub(...)
   local s, p, repl, max_s = ...
   local info = cache[p]
-  if info ~= nil and type(s) == "string" then
+  local tr = type(repl)
+  -- A replacement function or table (its __index) runs driver code from inside the C
+  -- function: a replacement that calls gsub again would nest C calls until the C stack
+  -- overflows (a crash, not an error). Those always take the Lua path, where the calls are
+  -- plain Lua calls and deep nesting ends in "stack overflow".
+  local callback = tr == "function" or tr == "table"
+  if info ~= nil and not callback and type(s) == "string" then
     local n = #s
     if n <= info.maxn_gsub
        and (n + 1) * (rcache[repl] or repl_cost(repl, type(repl))) <= MAX_C_STEPS / 2 then
@@ -1051,15 +1061,14 @@ local function gsub(...)
     end
   end
   s, p = tostr(s), tostr(p)
-  local tr = type(repl)
   if s == nil or p == nil or (max_s ~= nil and tonum(max_s) == nil)
-     or not (tr == "string" or tr == "number" or tr == "function" or tr == "table") then
-    return c_gsub(...)
+     or not (tr == "string" or tr == "number" or callback) then
+    return c_gsub(...)   -- a bad argument: the C function raises the error
   end
   if tr == "number" then repl, tr = repl .. "", "string" end
   info = analyse(p)
   local n = #s
-  if n <= info.maxn_gsub then
+  if n <= info.maxn_gsub and not callback then
     local pm = repl_cost(repl, tr)
     if tr == "string" and next(info.poscap) == nil then
       pm = pm - count_escapes(repl) * (GSUB_REF - GSUB_BYTE)  -- no positions: %n is a memcpy

@@ -10,6 +10,7 @@ and under the test kit's virtual clock.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,52 @@ LEVELS = {
     b"error": logging.ERROR,
 }
 logging.addLevelName(logging.DEBUG - 5, "TRACE")
+
+# Per-driver caps (DESIGN section 2; README "Limits"): DriverRuntime kwargs and `[[drivers]]`
+# keys of the same names. Each refusal is a Lua error naming the limit.
+DEFAULT_LIMITS: dict[str, int] = {
+    "max_timers": 10000,              # pending timers (call_with_delay / call_on_schedule)
+    "max_pending_requests": 1000,     # device:request calls waiting for an answer
+    "max_send_backlog": 1 << 20,      # bytes of device:send not yet handed to the transport
+    "max_status_value": 64 * 1024,    # bytes of JSON text per status value
+    "max_status_fields": 256,         # distinct status names per device
+}
+
+MAX_LOG_TEXT = 8 * 1024               # characters of one log record from a driver
+# every control character but the tab (which cannot start a line or drive a terminal)
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+
+
+def _escape_char(m: "re.Match[str]") -> str:
+    c = m.group()
+    e = _ESCAPES.get(c)
+    if e is not None:
+        return e
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
+
+
+def log_text(value: Any, limit: int = MAX_LOG_TEXT) -> str:
+    """Driver-made text as one log line: control characters (newlines, ANSI escapes, NUL,
+    C1 controls, Unicode line separators and bidi overrides) escaped as \\n, \\e, \\x00...,
+    and at most `limit` characters, with a marker naming the full length."""
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", "replace")
+    else:
+        text = str(value)
+    total = len(text)
+    if total > limit:
+        text = text[:limit]
+    text = _CONTROL.sub(_escape_char, text)
+    if len(text) > limit:
+        text = text[:limit]
+    if total > limit:
+        text += f" ... [truncated: {total} characters in all]"
+    return text
+
+
+GC_PRESSURE = 0.75   # share of max_memory above which the host collects between events
 
 
 @dataclass
@@ -71,6 +118,11 @@ class DriverRuntime:
         state_dir: Path | None = None,
         logger: logging.Logger | None = None,
         status: StatusStore | None = None,
+        max_timers: int = DEFAULT_LIMITS["max_timers"],
+        max_pending_requests: int = DEFAULT_LIMITS["max_pending_requests"],
+        max_send_backlog: int = DEFAULT_LIMITS["max_send_backlog"],
+        max_status_value: int = DEFAULT_LIMITS["max_status_value"],
+        max_status_fields: int = DEFAULT_LIMITS["max_status_fields"],
     ) -> None:
         self.driver_id = driver_id
         self.driver_dir = Path(driver_dir).resolve()
@@ -81,6 +133,13 @@ class DriverRuntime:
         self.log = logger or log
         self.failures: list[tuple[str, str, str]] = []  # (label, kind, message), recent
         self.status = status if status is not None else StatusStore()
+        self.max_timers = int(max_timers)
+        self.max_pending_requests = int(max_pending_requests)
+        self.max_send_backlog = int(max_send_backlog)
+        self.max_status_value = int(max_status_value)
+        self.max_status_fields = int(max_status_fields)
+        self.owned_devices: set[str] = set()          # ids started in this runtime
+        self._status_fields: dict[str, set[str]] = {}  # device id -> names this runtime set
         self.sandbox = Sandbox(self.driver_dir, max_memory=max_memory, on_print=self._print)
         self.sandbox.expose(
             log=self._lua_log,
@@ -93,38 +152,67 @@ class DriverRuntime:
         )
         self.R = self.sandbox.run_private("runtime.lua", self.sandbox.sb, self.sandbox.host)
         self.R.set_cpu_limit(cpu_limit)
+        self.R.set_limit(b"max_timers", self.max_timers)
+        self.R.set_limit(b"max_pending_requests", self.max_pending_requests)
         self._memory_fault = False
         self._gc = self.sandbox.lua.eval(b"function() collectgarbage() end")
+        # for the privileged glue: a full collection after a caught out-of-memory error,
+        # before it crosses into Python again (lua/driver_functions.lua)
+        self.R.caps.collect_garbage = self._gc
+        self._gc_mark = int(max_memory * GC_PRESSURE)   # collect when the heap grows past this
         self.lua = self.sandbox.lua
         self.extensions: list[Any] = []  # hooks added by other parts (datastore, status, ...)
 
     # -- logging -------------------------------------------------------------------------
     def _prefix(self, device_id: Any = None) -> str:
         if device_id:
-            dev = device_id.decode() if isinstance(device_id, bytes) else device_id
-            return f"[{self.driver_id}/{dev}]"
+            return f"[{self.driver_id}/{log_text(device_id, 200)}]"
         return f"[{self.driver_id}]"
 
     def _lua_log(self, level: bytes, device_id: Any, msg: bytes) -> None:
+        """log.* from the driver: one line each (escaped, capped; see log_text)."""
         self.log.log(LEVELS.get(level, logging.INFO), "%s %s", self._prefix(device_id or None),
-                     msg.decode("utf-8", "replace"))
+                     log_text(msg))
 
     def _status_set(self, device_id: bytes, name: bytes, text: bytes | None) -> tuple[Any, Any]:
         """device.status.<name> = value: store (and so mirror) the JSON text that
-        lua/json.lua made and checked in the driver's runtime; None deletes."""
+        lua/json.lua made and checked in the driver's runtime; None deletes. Only for devices
+        this runtime started, values up to max_status_value bytes, at most
+        max_status_fields names per device."""
         try:
-            changed = self.status.set(device_id.decode(), name.decode(),
-                                      None if text is None else text.decode())
+            dev = device_id.decode()
+            key = name.decode()
+        except (UnicodeDecodeError, AttributeError):
+            return None, b"device.status: device ids and status names must be valid UTF-8 text"
+        if dev not in self.owned_devices:
+            return None, (f"device.status: device {log_text(dev, 200)!r} is not a device of "
+                          f"driver {self.driver_id}").encode()
+        fields = self._status_fields.setdefault(dev, set())
+        if text is None:
+            changed = self.status.set(dev, key, None)
+            fields.discard(key)
+            return changed, None
+        if len(text) > self.max_status_value:
+            return None, (f"device.status.{log_text(key, 200)}: value too large: {len(text)} bytes "
+                          f"of JSON, limit of {self.max_status_value} bytes per status value "
+                          "(max_status_value)").encode()
+        if key not in fields and len(fields) >= self.max_status_fields:
+            return None, (f"device.status.{log_text(key, 200)}: too many status fields: limit of "
+                          f"{self.max_status_fields} distinct status names per device reached "
+                          "(max_status_fields)").encode()
+        try:
+            changed = self.status.set(dev, key, text.decode())
         except UnicodeDecodeError:
-            return None, b"status names must be valid UTF-8"
+            return None, b"device.status: values must be valid UTF-8 JSON text"
+        fields.add(key)
         return changed, None
 
     def _print(self, text: str) -> None:
-        self.log.info("%s %s", self._prefix(), text)
+        self.log.info("%s %s", self._prefix(), log_text(text))
 
     def _handler_failed(self, label: bytes, err: bytes, tb: bytes) -> None:
-        label_s = label.decode("utf-8", "replace")
-        msg = err.decode("utf-8", "replace")
+        label_s = log_text(label, 512)
+        msg = log_text(err)
         if "cpu limit" in msg and "exceeded" in msg:
             kind = "cpu"
             self.log.error("%s handler %s aborted: %s (limit %g s of CPU per event)",
@@ -137,7 +225,7 @@ class DriverRuntime:
         else:
             kind = "error"
             self.log.error("%s handler %s failed: %s", self._prefix(), label_s,
-                           tb.decode("utf-8", "replace") or msg)
+                           log_text(tb) if tb else msg)
         self.failures.append((label_s, kind, msg))
         del self.failures[:-50]
         self.port.handler_failed(self, label_s, kind, msg)
@@ -147,6 +235,7 @@ class DriverRuntime:
         """Call into the Lua glue; a Lua error escaping the glue (e.g. out of memory while
         formatting a traceback) counts as a failed handler, never as a host crash."""
         self._memory_fault = False
+        self._relieve()
         try:
             return fn(*args)
         except LuaError as e:
@@ -157,6 +246,24 @@ class DriverRuntime:
                 # LuaJIT does not collect on a failed allocation: free the aborted
                 # handler's garbage now, or the driver's next events would fail too
                 self._collect()
+            else:
+                self._relieve()
+
+    def _relieve(self) -> None:
+        """Collect when the heap is near the limit, before and after every call into Lua.
+
+        Why: LuaJIT does not collect when an allocation fails, and an out-of-memory error
+        is often caught inside the Lua glue (a function handler's pcall), so the aborted
+        handler's garbage stays until the next GC step. Then the *next* event fails too,
+        and worse, allocations that lupa makes outside driver code (pushing arguments,
+        pushing a Python callback's results while it holds the GIL) fail: that corrupts
+        the Lua stack (garbage numbers) or leaves the GIL taken (a take_gil deadlock).
+        Keeping the heap away from the limit between events prevents both."""
+        if self.sandbox.memory_used() > self._gc_mark:
+            self._collect()
+            after = self.sandbox.memory_used()
+            # live data above the mark: collect again only after another eighth of growth
+            self._gc_mark = max(int(self.max_memory * GC_PRESSURE), after + self.max_memory // 8)
 
     # -- life cycle ----------------------------------------------------------------------
     def load(self) -> None:
@@ -177,10 +284,13 @@ class DriverRuntime:
         return to_lua(self.lua, {"id": info.id, "label": info.label or info.id, "config": info.config})
 
     def start_device(self, info: DeviceInfo, is_new: bool) -> None:
+        self.owned_devices.add(info.id)
         self.guarded(f"init [{info.id}]", self.R.start_device, self.device_table(info), is_new)
 
     def remove_device(self, info: DeviceInfo) -> None:
         self.guarded(f"removed [{info.id}]", self.R.remove_device, self.device_table(info))
+        self.owned_devices.discard(info.id)
+        self._status_fields.pop(info.id, None)
 
     def shutdown(self) -> None:
         self.guarded("shutdown", self.R.shutdown)
@@ -208,18 +318,27 @@ class DriverRuntime:
         if isinstance(items, int):
             items = range(items)
         for item in items:
+            self._relieve()
             try:
                 call(label, fn, driver, item)
             except LuaError as e:
                 self._handler_failed(label, str(e).encode(), b"")
+            if self._memory_fault:
+                self._collect()
 
     def metadata(self) -> dict[str, Any] | None:
         md = self.R.metadata()
         return from_lua(md) if md is not None else None
 
     def driver_name(self) -> str | None:
-        d = self.R.driver()
-        return d.name.decode() if d is not None and d.name else None
+        """The template's name, taken when the driver was built (never read from the
+        driver table, whose metamethods are the driver's)."""
+        name = self.R.driver_name()
+        return name.decode("utf-8", "replace") if name else None
+
+    def framing(self) -> Any:
+        """The driver's `framing` table, read raw (for devicelink.framing_spec)."""
+        return self.R.framing()
 
     def lua_device(self, device_id: str) -> Any:
         return self.R.device(device_id.encode())

@@ -5,10 +5,16 @@
 -- hands out only what DESIGN section 2 allows. Nothing here is reachable from driver code
 -- except through the functions it deliberately exports into sandbox environments.
 --
--- Arguments: host (a table of Python callables, see sandbox.py) and patterns (the budgeted
--- string pattern functions from patterns.lua, or nil).
+-- Arguments: host (a table of Python callables, see sandbox.py), patterns (the budgeted
+-- string pattern functions from patterns.lua, or nil) and sorter (sort.lua: a table.sort
+-- the hook can interrupt).
+--
+-- Driver code is untrusted, and so is every value it made: host code here never calls a
+-- metamethod, __tostring or message handler of the driver's outside the CPU budget, never
+-- lets driver code nest C calls without a bound, and never hands driver code the private
+-- values (WAIT, DONE, handler coroutines) that host waits are made of.
 
-local host, patterns = ...
+local host, patterns, sorter = ...
 
 local type, pairs, ipairs, next, tostring, tonumber, select, error, pcall, xpcall =
   type, pairs, ipairs, next, tostring, tonumber, select, error, pcall, xpcall
@@ -22,6 +28,7 @@ local str_byte, str_sub, str_format, str_find, str_gsub = string.byte, string.su
 local tconcat, tinsert, tremove, tsort = table.concat, table.insert, table.remove, table.sort
 local co_create, co_resume, co_yield, co_status, co_running, co_wrap =
   coroutine.create, coroutine.resume, coroutine.yield, coroutine.status, coroutine.running, coroutine.wrap
+local co_isyieldable = coroutine.isyieldable
 local floor, huge = math.floor, math.huge
 -- The monotonic clock, read through the FFI (privileged code only): the budget is armed for
 -- every event, and a call into Python for the time cost a lock round trip each time.
@@ -67,6 +74,32 @@ if patterns then
   safe_string.find, safe_string.match = patterns.find, patterns.match
   safe_string.gmatch, safe_string.gsub = patterns.gmatch, patterns.gsub
 end
+-- string.format calls a table's __tostring from C for %s (nested C calls, see below):
+-- tables and userdata are turned into text in Lua first (tostring tail-calls __tostring).
+do
+  local c_format = safe_string.format
+  local function has_object(n, ...)
+    for i = 1, n do
+      local tv = type((select(i, ...)))
+      if tv == "table" or tv == "userdata" then return true end
+    end
+    return false
+  end
+  local function convert(n, ...)
+    local args = { ... }
+    for i = 1, n do
+      local v = args[i]
+      local tv = type(v)
+      if tv == "table" or tv == "userdata" then args[i] = tostring(v) end
+    end
+    return unpack(args, 1, n)
+  end
+  safe_string.format = function(fmt, ...)
+    local n = select("#", ...)
+    if n == 0 or not has_object(n, ...) then return c_format(fmt, ...) end
+    return c_format(fmt, convert(n, ...))
+  end
+end
 string.dump = nil
 do
   local smt = dgetmetatable("")
@@ -92,9 +125,12 @@ sethook(cpu_hook, "", 20000)
 
 function M.arm(limit_seconds, label)
   abort_message = nil
+  c_depth = 0
   deadline = host_clock() + limit_seconds
   if busy_cell then busy_cell[0] = deadline end
 end
+
+function M.armed() return deadline ~= nil end
 
 function M.disarm()
   deadline = nil
@@ -114,10 +150,62 @@ local function safe_pcall(f, ...)
   return recheck(pcall(f, ...))
 end
 
+-- xpcall: LuaJIT runs the message handler for an error raised by the hook with the hook
+-- disabled, so a driver's handler would run unbudgeted (`xpcall(spin, spin)` spun forever).
+-- Once the budget is spent the driver's handler is not called at all; for other errors it
+-- runs with the hook on (a handler that spins is cut and the abort re-raised).
 local function safe_xpcall(f, handler, ...)
+  if type(handler) ~= "function" then
+    error("bad argument #2 to 'xpcall' (function expected, got " .. type(handler) .. ")", 2)
+  end
+  local function guard(m)
+    if abort_message then return abort_message end
+    return handler(m)
+  end
+  if select("#", ...) == 0 then return recheck(xpcall(f, guard)) end
+  local args, n = { ... }, select("#", ...)
+  return recheck(xpcall(function() return f(unpack(args, 1, n)) end, guard))
+end
+
+-- The bundled library's xpcall: its message handlers are ours (bounded), and they must run
+-- even for the abort (driver_functions reports a function call's failure from one).
+local function library_xpcall(f, handler, ...)
   if select("#", ...) == 0 then return recheck(xpcall(f, handler)) end
   local args, n = { ... }, select("#", ...)
   return recheck(xpcall(function() return f(unpack(args, 1, n)) end, handler))
+end
+
+-- The text of an error object, computed while the handler's budget is still armed: a
+-- driver's __tostring runs under the hook (and what is left of the budget), never after.
+local function error_text(e)
+  local te = type(e)
+  if te == "string" then return e end
+  if te == "number" then return tostring(e) end
+  if te == "nil" or te == "boolean" then return "(error object is a " .. te .. " value: " .. tostring(e) .. ")" end
+  local ok, s = pcall(tostring, e)
+  if abort_message then return abort_message end
+  if not ok then
+    return "(error object of type " .. te .. "; its __tostring failed: " .. (type(s) == "string" and s or type(s)) .. ")"
+  end
+  if type(s) ~= "string" then return "(error object of type " .. te .. ")" end
+  return s
+end
+M.error_text = error_text
+
+---------------------------------------------------------------------------------------------
+-- Nested C calls. A C function that calls back into Lua keeps its C frame while the callback
+-- runs; a callback that calls the same function again nests C frames until the C stack
+-- overflows, which is a segfault, not an error. coroutine.resume is such a function (a
+-- chain of resumes); the others are avoided: gsub with a function or table replacement
+-- takes the Lua matcher (patterns.lua), table.sort is Lua (sort.lua), string.format and
+-- os.time get the driver's values converted in Lua first.
+local MAX_C_DEPTH = 200      -- LUAI_MAXCCALLS of Lua 5.1
+local c_depth = 0            -- nested driver resumes; reset whenever the budget is armed
+M.MAX_C_DEPTH = MAX_C_DEPTH
+
+local function depth_error(what)
+  error(str_format("%s: too many nested coroutine resumes: limit of %d levels of C calls reached "
+    .. "(each coroutine.resume/wrap call inside another one's coroutine is one level)", what, MAX_C_DEPTH), 3)
 end
 
 ---------------------------------------------------------------------------------------------
@@ -222,10 +310,16 @@ function safe_table.remove(t, ...)
   return tremove(t, ...)
 end
 
+-- LuaJIT's C sort is quadratic on adversarial input with no hook firing inside it, and a
+-- comparator that sorts nests C calls: sort.lua's introsort is Lua, interruptible, and
+-- O(n log n) in the worst case.
+local lua_sort = sorter and sorter.sort or tsort
+M.sort = lua_sort
+
 function safe_table.sort(t, cmp)
   local f = type(t) == "table" and meta(t, "__sort")
   if f then return f(t, cmp) end
-  return tsort(t, cmp)
+  return lua_sort(t, cmp)
 end
 
 function safe_table.maxn(t)
@@ -295,6 +389,7 @@ function M.set_library_caps(caps) library_caps = caps end
 
 local loaded = {}          -- module name -> value, shared by this runtime's environments
 local loading = {}
+M.loaded = loaded          -- the spec runner's package.loaded (hubhost/testing/specenv.lua)
 
 local function copy(t)
   local c = {}
@@ -311,6 +406,77 @@ end
 local safe_debug_traceback = function(msg, level)
   if msg ~= nil and type(msg) ~= "string" and type(msg) ~= "number" then return msg end
   return traceback(msg, (tonumber(level) or 1) + 1)
+end
+
+---------------------------------------------------------------------------------------------
+-- Coroutines made by driver code. Host waits (sleep, device:request, datastore saves) yield
+-- the private WAIT value up to the runtime's own resume. A driver coroutine that waits
+-- passes the wait on through every driver resume above it, so the resume that driver code
+-- called never returns WAIT (the token and the request stay private), and the coroutine
+-- continues when the host answers. Handler coroutines belong to the host: driver code may
+-- see them (coroutine.running) but not resume them (that would forge a host answer).
+local WAIT = {}
+local DONE = {}
+local handler_cos = setmetatable({}, { __mode = "k" })
+
+local driver_resume
+local function after_driver_resume(co, depth, ok, a, ...)
+  c_depth = depth
+  if ok and a == WAIT then
+    if not co_isyieldable() then
+      return false, "host waits (sleep, device:request, datastore saves, calls) can only be used inside a handler"
+    end
+    return driver_resume(co, co_yield(WAIT, ...))
+  end
+  if abort_message then error(abort_message, 0) end
+  return ok, a, ...
+end
+
+function driver_resume(co, ...)
+  if type(co) ~= "thread" then
+    error("bad argument #1 to 'resume' (coroutine expected, got " .. type(co) .. ")", 2)
+  end
+  if handler_cos[co] then
+    return false, "cannot resume a handler's coroutine: the host resumes it"
+  end
+  local depth = c_depth
+  if depth >= MAX_C_DEPTH then depth_error("coroutine.resume") end
+  c_depth = depth + 1
+  return after_driver_resume(co, depth, co_resume(co, ...))
+end
+
+local function wrap_results(ok, ...)
+  if not ok then
+    local e = ...
+    if type(e) == "string" then error(e, 2) end
+    error(e, 0)
+  end
+  return ...
+end
+
+local function driver_wrap(f)
+  if type(f) ~= "function" then
+    error("bad argument #1 to 'wrap' (function expected, got " .. type(f) .. ")", 2)
+  end
+  local co = co_create(f)
+  return function(...)
+    if c_depth >= MAX_C_DEPTH then depth_error("coroutine.wrap") end
+    return wrap_results(driver_resume(co, ...))
+  end
+end
+
+-- os.time reads its table's fields from C (a driver's __index would run nested in C): the
+-- fields are read here, in Lua, into a plain table.
+local DATE_FIELDS = { "year", "month", "day", "hour", "min", "sec", "isdst" }
+local function safe_os_time(t)
+  if t == nil then return os.time() end
+  if type(t) ~= "table" then return os.time(t) end
+  local plain = {}
+  for i = 1, #DATE_FIELDS do
+    local k = DATE_FIELDS[i]
+    plain[k] = t[k]
+  end
+  return os.time(plain)
 end
 
 local new_env
@@ -337,7 +503,7 @@ local function safe_require_for(env)
       -- bundled library: bytecode compiled by the host from our own files (never from
       -- driver input), loaded with the JIT on in an environment of its own
       fn, err = loadstring(src, chunkname)
-      if fn then setfenv(fn, new_env()) end
+      if fn then setfenv(fn, new_env(true)) end
     else
       fn, err = compile(src, chunkname, env, true, true)
     end
@@ -352,7 +518,7 @@ local function safe_require_for(env)
   end
 end
 
-function new_env()
+function new_env(library)
   local env = {
     assert = assert, error = error, ipairs = safe_ipairs, next = safe_next, pairs = safe_pairs,
     pcall = safe_pcall, xpcall = safe_xpcall, rawequal = rawequal, rawget = safe_rawget,
@@ -366,15 +532,10 @@ function new_env()
     os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime },
     debug = { traceback = safe_debug_traceback },
   }
-  env.coroutine.resume = function(co, ...) return recheck(co_resume(co, ...)) end
-  env.coroutine.wrap = function(f)
-    local co = co_create(f)
-    return function(...)
-      local res = { recheck(co_resume(co, ...)) }
-      if not res[1] then error(res[2], 2) end
-      return unpack(res, 2, table.maxn(res))
-    end
-  end
+  if library then env.xpcall = library_xpcall end
+  env.coroutine.resume = driver_resume
+  env.coroutine.wrap = driver_wrap
+  env.os.time = safe_os_time
   env.os.date = function(fmt, t)
     if type(fmt) == "string" and str_find(fmt, "%%[^aAbBcdHIjmMpSUwWxXyYZ%%]") then
       error("os.date: unsupported conversion in format '" .. fmt .. "'", 2)
@@ -392,14 +553,13 @@ function new_env()
   env._G = env
   return env
 end
-M.new_env = new_env
+M.new_env = function() return new_env(false) end   -- driver environments
 
 
 ---------------------------------------------------------------------------------------------
 -- Running handlers: each event runs in a coroutine; host waits (sleep, request, save)
--- yield a private token so a driver's own coroutine.yield cannot impersonate them.
-local WAIT = {}
-M.WAIT = WAIT
+-- yield a private token (WAIT, above) so a driver's own coroutine.yield cannot impersonate
+-- them, and driver code never sees it.
 
 local parked = {}        -- token -> coroutine waiting for the host
 local next_token = 0
@@ -425,7 +585,6 @@ function M.set_done_handler(f) on_done = f end
 
 -- Finished handler coroutines go back to a small pool: creating a coroutine per event was
 -- most of the cost of dispatching one.
-local DONE = {}
 local pool, pool_n = {}, 0
 local function run_jobs(fn, ...)
   fn(...)
@@ -433,9 +592,9 @@ local function run_jobs(fn, ...)
 end
 
 local function step(co, label, ok, a, b, ...)
-  -- ok, a, b, ... are the results of co_resume
+  -- ok, a, b, ... are the results of co_resume; a failed handler's `a` is text already
   if not ok then
-    local tb = traceback(co, tostring(a))
+    local tb = traceback(co, a)
     current_label[co] = nil
     return on_done(label, false, a, tb)
   end
@@ -461,13 +620,28 @@ end
 
 -- Disarm the budget after a resume and hand the results on (no table per event).
 local function after_resume(co, label, ok, ...)
+  if not ok and abort_message == nil then
+    -- still armed: a driver's __tostring on the error object runs under the budget
+    local text = error_text((...))
+    local abort = M.disarm()
+    return step(co, label, false, abort or text)
+  end
   local abort = M.disarm()
   if abort then return step(co, label, false, abort) end
   return step(co, label, ok, ...)
 end
 
 -- Start fn(...) as a new handler coroutine under the CPU budget.
+-- A host function called by a running handler that starts or resumes another handler of
+-- the same runtime synchronously would re-arm the budget and, when that one ends, leave the
+-- first handler running disarmed: refused (hosts post such work instead).
+local function reentered(label)
+  return on_done(label, false, "handler " .. tostring(label) .. " not run: the host started it "
+    .. "from inside another running handler of this driver (host functions must post it)", "")
+end
+
 function M.spawn(label, limit, fn, ...)
+  if deadline ~= nil then return reentered(label) end
   local co
   if pool_n > 0 then
     co = pool[pool_n]
@@ -475,6 +649,7 @@ function M.spawn(label, limit, fn, ...)
     pool_n = pool_n - 1
   else
     co = co_create(run_jobs)
+    handler_cos[co] = true
   end
   M.arm(limit, label)
   return after_resume(co, label, co_resume(co, fn, ...))
@@ -484,6 +659,7 @@ end
 function M.resume(token, limit, ...)
   local co = parked[token]
   if not co then return end
+  if deadline ~= nil then return reentered(current_label[co]) end   -- stays parked
   parked[token] = nil
   local label = current_label[co]
   M.arm(limit, label)

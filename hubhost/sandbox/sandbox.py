@@ -153,7 +153,8 @@ class Sandbox:
         patterns = None
         if (HERE / "patterns.lua").exists():
             patterns = self.run_private("patterns.lua", self.lua.globals().string)
-        self.sb = self.run_private("sandbox.lua", self.host, patterns)
+        sort = self.run_private("sort.lua")
+        self.sb = self.run_private("sandbox.lua", self.host, patterns, sort)
 
     def run_private(self, name: str, *args: Any) -> Any:
         """Run one of hubhost's own privileged Lua files (full standard library)."""

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from hubhost.state import atomicfile
-from hubhost.sandbox.sandbox import LuaError
+from hubhost.sandbox.sandbox import LuaError, LuaMemoryError
 
 if TYPE_CHECKING:  # pragma: no cover
     from hubhost.worker.actor import Actor
@@ -54,6 +54,37 @@ class StaleWriter(RuntimeError):
     """A write from a runtime that has since been replaced (its data is not current)."""
 
 
+class StoreRefused(OSError):
+    """The store cannot be used as it is (not a regular file, too big for the driver's
+    memory, unreadable folder). Nothing was changed on disk; the driver does not start."""
+
+
+class StoreTooLarge(StoreRefused):
+    """A valid store that does not fit the driver's max_memory (load or snapshot)."""
+
+
+# A store needs about this many times its file size in Lua memory: the text while it is
+# decoded, the decoded nodes, the cached text of each top-level entry, and a snapshot's
+# buffer and result. Checked before the text ever enters Lua (a failed allocation outside
+# a protected call aborts the whole process).
+LOAD_FACTOR = 4
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def check_fits(driver_id: str, path: Path, size: int, memory_limit: int, memory_used: int = 0) -> None:
+    """Raise StoreTooLarge if a store file of `size` bytes cannot be loaded and flushed in
+    a runtime limited to `memory_limit` bytes of which `memory_used` are taken."""
+    if size * LOAD_FACTOR <= memory_limit - memory_used:
+        return
+    raise StoreTooLarge(
+        f"[{driver_id}] {path} is {size} bytes ({_mib(size)}), too big for the driver's "
+        f"max_memory of {_mib(memory_limit)} (a store needs about {LOAD_FACTOR}x its file size); "
+        "the file is left as it is and the driver does not start: raise max_memory or shrink the store")
+
+
 class StoreUnreadable(FileNotFoundError):
     """Neither datastore.json nor its .bak holds a usable store (`hubhost datastore`)."""
 
@@ -69,6 +100,11 @@ def check_text(raw: bytes) -> str | None:
     if not isinstance(data, dict):
         return f"its top level is a JSON {type(data).__name__}, not an object"
     return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A Lua error that is the memory limit (LuaMemoryError, or the message re-raised)."""
+    return isinstance(e, LuaMemoryError) or "not enough memory" in str(e)
 
 
 def _utc_stamp() -> str:
@@ -95,6 +131,7 @@ class StoreFile:
         self.retry_delay = RETRY_START
         self.next_retry = 0.0                   # monotonic time of the next retry
         self.writes = 0                         # successful writes (tests, stats)
+        self.restore_failed = False             # a .bak could not be written back at load
 
     # -- ownership -----------------------------------------------------------------------
     def announce(self) -> None:
@@ -121,36 +158,68 @@ class StoreFile:
             return self.epoch
 
     # -- loading -------------------------------------------------------------------------
-    def load(self) -> bytes | None:
-        """The JSON text to load (None: start empty). A bad file is quarantined and the
-        .bak is used (and put back in place) if it is valid; problems are logged as errors."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def load(self, memory_limit: int | None = None, memory_used: int = 0) -> bytes | None:
+        """The JSON text to load (None: start empty).
+
+        Recovery order (each step durable before the next; a crash between any two leaves
+        the newest good generation findable by the next start):
+        1. a corrupt main file is first *linked* to `datastore.json.corrupt-<UTC>` (nothing
+           is moved), then a valid `.bak` is written back over the main name atomically;
+        2. a missing main file with a valid `.bak`: the `.bak` is written back and loaded;
+        3. a corrupt `.bak` is moved to `datastore.json.bak.corrupt-<UTC>`;
+        4. a store that would not fit `memory_limit` raises StoreTooLarge before anything
+           is touched; a path that is not a regular file raises StoreRefused.
+        Every problem is logged as an error naming the driver and the file."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreRefused(f"[{self.driver_id}] cannot use the state folder {self.folder}: "
+                               f"{e.strerror or e}") from None
         self._remove_leftovers()
+        self.restore_failed = False
         try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        problem = check_text(raw)
-        if problem is None:
-            return raw
-        moved = self._quarantine()
-        try:
-            bak = self.bak.read_bytes()
-        except FileNotFoundError:
-            bak = None
+            raw = atomicfile.read_regular(self.path)
+            bak = atomicfile.read_regular(self.bak)
+        except atomicfile.NotRegularFile as e:
+            raise StoreRefused(f"[{self.driver_id}] {e}; the driver does not start") from None
+        problem = check_text(raw) if raw is not None else "it does not exist"
         bak_problem = check_text(bak) if bak is not None else "it does not exist"
-        if bak_problem is None:
-            self.log.error("[%s] %s is unusable: %s; moved it to %s and loaded %s",
-                           self.driver_id, self.path, problem, moved.name, self.bak.name)
-            try:  # put the good generation back in place, so a crash now still finds it
-                atomicfile.write_atomic(self.path, bak)
+        chosen = raw if problem is None else bak if bak_problem is None else None
+        if chosen is not None and memory_limit is not None:
+            check_fits(self.driver_id, self.path if chosen is raw else self.bak, len(chosen),
+                       memory_limit, memory_used)
+        if chosen is raw and raw is not None:
+            if bak is not None and bak_problem is not None:
+                moved = self._quarantine(self.bak)
+                self.log.error("[%s] %s is unusable: %s; moved it to %s (%s is fine and loaded)",
+                               self.driver_id, self.bak, bak_problem, moved.name, self.path.name)
+            return raw
+        if chosen is bak and bak is not None:
+            if raw is None:
+                self.log.error("[%s] %s is missing; loading %s and writing it back",
+                               self.driver_id, self.path, self.bak.name)
+            else:
+                kept = self._keep_corrupt()
+                self.log.error("[%s] %s is unusable: %s; kept it as %s and loaded %s",
+                               self.driver_id, self.path, problem, kept.name, self.bak.name)
+            try:  # the good generation back under the main name (the .bak stays as it is)
+                atomicfile.write_atomic(self.path, bak, fault_label="recover")
             except OSError as e:
                 self.log.error("[%s] could not restore %s from %s: %s", self.driver_id,
                                self.path.name, self.bak.name, e)
+                self.restore_failed = True
             return bak
-        self.log.error("[%s] %s is unusable: %s; moved it to %s; %s is unusable too (%s): "
-                       "starting with an empty datastore", self.driver_id, self.path, problem,
-                       moved.name, self.bak.name, bak_problem)
+        # nothing usable: keep whatever is there for a human, start empty
+        notes = []
+        if raw is not None:
+            notes.append(f"{self.path.name} is unusable ({problem}), moved to "
+                         f"{self._quarantine(self.path).name}")
+        if bak is not None:
+            notes.append(f"{self.bak.name} is unusable ({bak_problem}), moved to "
+                         f"{self._quarantine(self.bak).name}")
+        if notes:
+            self.log.error("[%s] %s: %s; starting with an empty datastore", self.driver_id,
+                           self.folder, "; ".join(notes))
         return None
 
     def _remove_leftovers(self) -> None:
@@ -163,14 +232,32 @@ class StoreFile:
                 except OSError:
                     pass
 
-    def _quarantine(self) -> Path:
+    def _corrupt_name(self, path: Path) -> Path:
         stamp = _utc_stamp()
-        target = self.folder / f"{FILE_NAME}.corrupt-{stamp}"
+        target = self.folder / f"{path.name}.corrupt-{stamp}"
         n = 1
         while target.exists():
-            target = self.folder / f"{FILE_NAME}.corrupt-{stamp}-{n}"
+            target = self.folder / f"{path.name}.corrupt-{stamp}-{n}"
             n += 1
-        os.replace(self.path, target)
+        return target
+
+    def _keep_corrupt(self) -> Path:
+        """A second name for the corrupt main file (a hard link: nothing is moved, so the
+        main name never goes missing while the .bak is written back over it)."""
+        target = self._corrupt_name(self.path)
+        atomicfile.fault_point("recover")
+        os.link(self.path, target)
+        atomicfile.fault_point("recover")
+        atomicfile.fsync_dir(self.folder)
+        return target
+
+    def _quarantine(self, path: Path | None = None) -> Path:
+        """Move an unusable file aside (only when no good generation depends on its name)."""
+        path = self.path if path is None else path
+        target = self._corrupt_name(path)
+        atomicfile.fault_point("recover")
+        os.replace(path, target)
+        atomicfile.fault_point("recover")
         atomicfile.fsync_dir(self.folder)
         return target
 
@@ -186,10 +273,14 @@ class StoreFile:
             if seq <= self.written_seq:
                 return False
             try:
-                atomicfile.write_atomic(self.path, data, backup=True)
+                # the main file becomes the .bak only when it is a good generation: after a
+                # failed restore it may still be the corrupt one, and rotating it would
+                # replace the valid .bak
+                atomicfile.write_atomic(self.path, data, backup=not self.restore_failed)
             except OSError as e:
                 self._failed(e)
                 raise
+            self.restore_failed = False
             self.written_seq = seq
             self.writes += 1
             self._succeeded()
@@ -239,7 +330,7 @@ class DatastoreBinding:
         if store is not None:
             self.epoch = store.attach()
             rt.sandbox.expose(datastore_write=self._write_sync)
-            self._load(store.load())
+            self._load(store.load(rt.max_memory, rt.memory_used()))
         rt.extensions.append(self)
 
     @classmethod
@@ -252,21 +343,39 @@ class DatastoreBinding:
     def after_load(self, rt: "DriverRuntime") -> None:
         """DriverRuntime extension hook (nothing to do: the store was loaded before)."""
 
+    def _too_large(self, size: int) -> StoreTooLarge:
+        return StoreTooLarge(
+            f"[{self.rt.driver_id}] {self.store.path} is {size} bytes ({_mib(size)}) and does not "  # type: ignore[union-attr]
+            f"fit the driver's max_memory of {_mib(self.rt.max_memory)} once loaded; the file is "
+            "left as it is and the driver does not start: raise max_memory or shrink the store")
+
+    def _reset(self) -> None:
+        """Empty the Lua store and give its memory back (after a refused load)."""
+        try:
+            self.H.load(b"{}")
+        except LuaError:
+            pass
+        self.rt._collect()
+
     def _load(self, raw: bytes | None) -> None:
+        """(driver thread) Decode `raw` into the store and prove it can be snapshot again;
+        a store that does not fit raises StoreTooLarge with the file untouched."""
         if raw is None:
             return
         try:
             dropped, note = self.H.load(raw)
-        except LuaError as e:  # valid JSON our decoder cannot read: keep it for a human
-            moved = self.store._quarantine() if self.store.path.exists() else None
-            self.rt.log.error("[%s] %s could not be loaded (%s)%s; starting with an empty datastore",
-                              self.rt.driver_id, self.store.path, e,
-                              f"; moved it to {moved.name}" if moved else "")
-            self.H.load(b"{}")
-            return
+            self.H.encode()   # the first flush must fit too: try it now, not at shutdown
+        except LuaError as e:
+            self._reset()
+            if _out_of_memory(e):
+                raise self._too_large(len(raw)) from None
+            # valid JSON our decoder cannot read: leave it for a human
+            raise StoreRefused(f"[{self.rt.driver_id}] {self.store.path} could not be loaded ({e}); "  # type: ignore[union-attr]
+                               "the file is left as it is and the driver does not start") from None
+        self.rt._collect()
         if dropped:
             self.rt.log.error("[%s] %s: %d value%s the datastore cannot hold were dropped while "
-                              "loading (the first: %s)", self.rt.driver_id, self.store.path, dropped,
+                              "loading (the first: %s)", self.rt.driver_id, self.store.path, dropped,  # type: ignore[union-attr]
                               "" if dropped == 1 else "s", note.decode("utf-8", "replace"))
 
     # -- driver thread -------------------------------------------------------------------
@@ -274,8 +383,24 @@ class DatastoreBinding:
         return bool(self.H.is_dirty())
 
     def snapshot(self) -> tuple[int, bytes] | None:
-        """(seq, JSON) of the store now, or None when it is not dirty."""
-        r = self.H.snapshot()
+        """(seq, JSON) of the store now, or None when it is not dirty. Raises StoreTooLarge
+        (an OSError: every flush path handles it) when encoding hits the memory limit."""
+        try:
+            r = self.H.snapshot()
+        except LuaError as e:
+            if not _out_of_memory(e):
+                raise
+            self.rt._collect()
+            size = 0
+            if self.store is not None:
+                try:
+                    size = os.stat(self.store.path).st_size
+                except OSError:
+                    pass
+            raise StoreTooLarge(
+                f"[{self.rt.driver_id}] the datastore could not be encoded: the driver's max_memory "
+                f"of {_mib(self.rt.max_memory)} was reached (the file on disk is {size} bytes); "
+                "the store stays dirty and the file is left as it is") from None
         if r is None:
             return None
         data, seq = r
@@ -319,6 +444,7 @@ class DatastoreService:
         self.files: dict[str, StoreFile] = {}
         self.bindings: dict[str, DatastoreBinding] = {}
         self.due: dict[str, float] = {}
+        self.unflushed: dict[str, str] = {}   # driver id -> why its changes were lost at shutdown
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="datastore-writer")
         sup.runtime_hooks.append(self._on_runtime)
@@ -349,7 +475,8 @@ class DatastoreService:
         b = self._current(slot, rt)
         actor = slot.actor
         if b is None or actor is None:
-            rt.resume(token, None, b"datastore: no datastore file is attached to this runtime")
+            if actor is not None:   # from the run queue: a resume never nests in Lua
+                actor.post(rt.resume, token, None, b"datastore: no datastore file is attached to this runtime")
             return
         seq, data = int(arg[1]), arg[2]
 
@@ -434,9 +561,13 @@ class DatastoreService:
         try:
             await asyncio.wait_for(actor.call(loop, b.flush_now), 8.0)
         except asyncio.TimeoutError:
+            self.unflushed[slot.id] = "the driver thread was busy"
             log.error("[%s] the driver thread is busy: datastore not flushed at shutdown", slot.id)
         except (OSError, StaleWriter) as e:
+            self.unflushed[slot.id] = str(e)
             log.error("[%s] datastore not flushed at shutdown: %s", slot.id, e)
+        else:
+            self.unflushed.pop(slot.id, None)
 
     def _on_ready(self, sup: "Supervisor") -> None:
         sup.spawn(self._flusher())
@@ -479,8 +610,11 @@ def read_store_file(driver_state_dir: Path) -> Any:
     problems = []
     for f in (main, bak):
         try:
-            raw = f.read_bytes()
-        except FileNotFoundError:
+            raw = atomicfile.read_regular(f)   # a FIFO must not hang `hubhost datastore`
+        except OSError as e:
+            problems.append(str(e))
+            continue
+        if raw is None:
             problems.append(f"{f} does not exist")
             continue
         problem = check_text(raw)

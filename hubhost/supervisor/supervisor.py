@@ -45,14 +45,15 @@ STUCK_GRACE = 0.5          # seconds past a handler's CPU deadline before its wo
 HEARTBEAT_TIMEOUT = 2.0    # seconds without a heartbeat (beyond the CPU limit) = not answering
 LOOP_STALL_LIMIT = 5.0     # seconds (beyond the CPU limit) a worker's event loop may be blocked
                            # outside any handler (host code on a driver's value) before it dies
-WORKER_OVERHEAD = 48 << 20  # private bytes a worker may hold beyond its drivers' max_memory
+WORKER_OVERHEAD = 64 << 20  # resident anonymous bytes a worker may hold beyond its drivers'
+                            # max_memory (Python, the loop, buffers; an idle worker holds ~20 MiB)
 MAX_STATUS_VALUE = 64 << 10   # bytes of JSON text per status value
 MAX_STATUS_FIELDS = 256       # distinct status fields per device
 MAX_STATUS_NAME = 256
 MAX_LOG_LINE = 8 << 10        # characters per log record (longer ones are cut, with a marker)
 MAX_RESULT = 16 << 20         # bytes of JSON text per function result
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def escape_line(text: str, cap: int = MAX_LOG_LINE) -> str:
@@ -119,7 +120,8 @@ class WorkerHandle:
         self.slots = {s.id: s for s in slots}
         self.devices = {d.id: s.id for s in slots for d in s.cfg.devices}
         self.cpu_limit = max(s.cfg.cpu_limit for s in slots)
-        self.allowance = sum(s.cfg.max_memory for s in slots) + WORKER_OVERHEAD
+        self.overhead = getattr(sup.config, "worker_overhead", WORKER_OVERHEAD)
+        self.allowance = sum(s.cfg.max_memory for s in slots) + self.overhead
         self.backoff = BACKOFF_START
         self.last_start = 0.0
         self.incarnation = 0
@@ -262,6 +264,8 @@ class WorkerHandle:
         except asyncio.TimeoutError:
             log.error("[%s] worker did not stop in time; killing it (unsaved changes are lost)", self.name)
             unflushed = list(self.slots)
+            for d in unflushed:
+                self.sup.unflushed_reasons.setdefault(d, "its worker did not stop in time")
             self.kill("did not stop in time")
         if self.reader is not None:
             try:
@@ -291,13 +295,13 @@ class WorkerHandle:
     def check_memory(self) -> None:
         if not self.alive or self.pid is None or self.death_reason is not None:
             return
-        used = workers.private_memory(self.pid)
+        used = workers.anon_memory(self.pid)
         if used is None:
             return
         self.private_bytes = used
         if used > self.allowance:
             self.kill(f"the worker holds {used >> 20} MiB, over its allowance of "
-                      f"{self.allowance >> 20} MiB (max_memory + {WORKER_OVERHEAD >> 20} MiB)")
+                      f"{self.allowance >> 20} MiB (max_memory + worker_overhead {self.overhead >> 20} MiB)")
             log.error("[%s] %s; killing it", self.name, self.death_reason)
 
     async def query(self, what: str, *args: Any, timeout: float = 5.0) -> Any:
@@ -347,15 +351,18 @@ class WorkerHandle:
             return None
         if not isinstance(value, str):
             return "a status value must be JSON text"
-        if len(value) > MAX_STATUS_VALUE:
-            return f"the value is {len(value)} bytes of JSON, over the limit of {MAX_STATUS_VALUE}"
+        cfg = self.slots[self.devices[dev]].cfg
+        cap = getattr(cfg, "max_status_value", MAX_STATUS_VALUE)
+        if len(value) > cap:
+            return f"the value is {len(value)} bytes of JSON, over the limit of {cap} (max_status_value)"
         try:
             orjson.loads(value)
         except orjson.JSONDecodeError:
             return "the value is not valid JSON text"
         st = self.sup.status
-        if st.get(dev, name) is None and st.field_count(dev) >= MAX_STATUS_FIELDS:
-            return f"the device already has {MAX_STATUS_FIELDS} status fields (the limit)"
+        fields = getattr(cfg, "max_status_fields", MAX_STATUS_FIELDS)
+        if st.get(dev, name) is None and st.field_count(dev) >= fields:
+            return f"the device already has {fields} status fields (max_status_fields)"
         return None
 
     def _refuse(self, dev: Any, name: Any, problem: str) -> None:
@@ -416,9 +423,10 @@ class WorkerHandle:
             self.started.set_result(True)
 
     def _h_stopped(self, msg: list[Any], blob: bytes) -> None:
-        unflushed = [d for d in msg[1] if d in self.slots]
+        reasons = {d: escape_line(str(r), 500) for d, r in dict(msg[1]).items() if d in self.slots}
+        self.sup.unflushed_reasons.update(reasons)
         if self.stopped is not None and not self.stopped.done():
-            self.stopped.set_result(unflushed)
+            self.stopped.set_result(list(reasons))
 
     def _h_mem(self, msg: list[Any], blob: bytes) -> None:
         for did, used in msg[1].items():
@@ -437,9 +445,12 @@ class WorkerHandle:
         if fn is not None:
             fn.set_interface(s, text, timeouts)
 
+    def _h_ds_attach(self, msg: list[Any], blob: bytes) -> None:
+        self.sup.datastore_attach(self, msg[1], self._slot(msg[2]))
+
     def _h_ds_load(self, msg: list[Any], blob: bytes) -> None:
         rid, s = msg[1], self._slot(msg[2])
-        self.sup.spawn(self.sup.datastore_load(self, rid, s))
+        self.sup.spawn(self.sup.datastore_load(self, rid, s, int(msg[3]), int(msg[4])))
 
     def _h_ds_write(self, msg: list[Any], blob: bytes) -> None:
         rid, s, epoch, seq = msg[1], self._slot(msg[2]), int(msg[3]), int(msg[4])
@@ -501,6 +512,7 @@ class Supervisor:
         self.store_files: dict[str, StoreFile] = {}
         self.logs = logring.LogRing()  # recent records per driver (`hubhost logs`)
         self.unflushed: list[str] = []
+        self.unflushed_reasons: dict[str, str] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.stopping = False
         self._stop_event: asyncio.Event | None = None
@@ -579,10 +591,11 @@ class Supervisor:
     def _known_devices(self, slot: DriverSlot) -> dict[str, Any]:
         f = slot.state_dir / "devices.json"
         try:
-            data = orjson.loads(atomicfile.read_regular(f))
+            raw = atomicfile.read_regular(f)
+            if raw is None:
+                return {}
+            data = orjson.loads(raw)
             return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
         except (orjson.JSONDecodeError, OSError) as e:
             log.error("[%s] %s is unreadable (%s); treating every device as new", slot.id, f, e)
             return {}
@@ -604,20 +617,32 @@ class Supervisor:
             f = self.store_files[slot.id] = StoreFile(slot.state_dir, slot.id)
         return f
 
-    async def datastore_load(self, w: WorkerHandle, rid: Any, slot: DriverSlot) -> None:
+    def datastore_attach(self, w: WorkerHandle, rid: Any, slot: DriverSlot) -> None:
+        """A new runtime of the driver becomes the only writer of its file."""
+        w.send(["reply", rid, self.store_file(slot).attach(timeout=0.0)])
+
+    async def datastore_load(self, w: WorkerHandle, rid: Any, slot: DriverSlot, memory_limit: int,
+                             memory_used: int) -> None:
+        """The file's text for the worker (recovery from .bak, quarantine and the check that
+        it fits the runtime's memory happen here); a refusal goes back as its class and text,
+        the file untouched."""
+        from hubhost.state.datastore import StoreTooLarge
+
         f = self.store_file(slot)
 
-        def load() -> tuple[int, bytes | None]:
+        def load() -> bytes | None:
             slot.state_dir.mkdir(parents=True, exist_ok=True)
-            epoch = f.attach(timeout=0.0)
-            return epoch, f.load()
+            return f.load(memory_limit, memory_used)
 
         try:
-            epoch, raw = await asyncio.to_thread(load)
+            raw = await asyncio.to_thread(load)
+        except StoreTooLarge as e:
+            w.send(["reply_blob", rid, "too_large", str(e)])
+            return
         except OSError as e:
-            log.error("[%s] cannot read %s: %s; starting with an empty datastore", slot.id, f.path, e)
-            epoch, raw = f.epoch, None
-        w.send(["reply_blob", rid, epoch], raw or b"")
+            w.send(["reply_blob", rid, "refused", str(e)])
+            return
+        w.send(["reply_blob", rid, None, None], raw or b"")
 
     async def datastore_write(self, w: WorkerHandle, rid: Any, slot: DriverSlot, epoch: int, seq: int,
                               blob: bytes) -> None:
@@ -668,9 +693,9 @@ class Supervisor:
             await asyncio.sleep(0.1)
             now = time.monotonic()
             n += 1
-            for w in list(self.workers.values()):
+            for i, w in enumerate(list(self.workers.values())):
                 w.check(now)
-                if n % 10 == 0:
+                if i % 10 == n % 10:      # each worker's memory once a second, spread out
                     w.check_memory()
 
     # -- start / stop ----------------------------------------------------------------------
@@ -904,17 +929,20 @@ async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Superv
             raise exc
         await stop_wait
         log.info("stopping (signal received)")
+    timed_out = False
     try:
         await asyncio.wait_for(sup.stop(), 9.0)
     except asyncio.TimeoutError:
+        timed_out = True
         log.error("shutdown did not finish within 9 s; exiting anyway")
     if not starting.done():
         starting.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
-    if sup.unflushed:
-        log.error("stopped, but the datastore of %s could not be saved: their last changes are lost",
-                  ", ".join(sup.unflushed))
+    if sup.unflushed or timed_out:
+        lost = "; ".join(f"{d} ({sup.unflushed_reasons.get(d, 'not saved')})" for d in sup.unflushed)
+        log.error("stopped; changes of %d driver%s were NOT written to disk: %s", len(sup.unflushed),
+                  "" if len(sup.unflushed) == 1 else "s", lost or "(the shutdown timed out)")
         return 1
     log.info("stopped")
     return 0

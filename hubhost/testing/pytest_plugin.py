@@ -3,13 +3,20 @@
 Registered through the `pytest11` entry point, so a plain `pytest` runs the specs next to
 the Python tests. Each `it` is one item with node id `path/x_spec.lua::describe > it`, so
 `-k`, `--lf`, `-x`, `--junitxml` and node-id selection work as usual. `#tags` in names
-become markers. Hooks need their file's context, so the first item of a file that runs
-executes every selected item of that file in one Lua pass; each item then reports its
-own cached result (hook failures appear as errors at setup or teardown of that item).
+become markers.
+
+busted has no collection step: describe bodies run in execution order, after the earlier
+siblings' tests and hooks. So collecting a file runs it whole, once, as busted would, and
+keeps the results; each item then reports its own (hook failures appear as errors at
+setup or teardown of that item; what the test printed is its captured output). When
+pytest deselects some of a file's items (-k, --lf, node ids), the first selected item
+runs the file again with only the selected ones, like busted's --filter. A file that
+fails to load is one failing item named after the file; the other files still run.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +24,11 @@ from typing import Any
 import pytest
 
 from hubhost.testing import specrun
-from hubhost.testing.specrun import Outcome, SpecLoadError, SpecResult, SpecTest
+from hubhost.testing.render import head_line
+from hubhost.testing.render import item_name as _item_name
+from hubhost.testing.render import render as _render
+from hubhost.testing.render import render_hook as _render_hook
+from hubhost.testing.specrun import SpecResult, SpecTest
 
 # Tags that would change how pytest treats an item (or need arguments) stay keywords
 # only; `#skip` and `#xfail` keep pytest's meaning on purpose.
@@ -77,25 +88,24 @@ def _marker(config: pytest.Config, tag: str) -> pytest.MarkDecorator:
     return getattr(pytest.mark, tag)
 
 
-def _item_name(spec_id: str) -> str:
-    # "::" separates node-id parts: keep it out of a name so selection by id works.
-    return spec_id.replace("::", ": :")
-
-
 class SpecFile(pytest.File):
-    """A `*_spec.lua` file; runs its selected items in one pass and caches the results."""
+    """A `*_spec.lua` file: run whole at collection; reruns a selection when pytest asks."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._results: dict[str, SpecResult] = {}
+        self._full: dict[str, SpecResult] = {}
+        self._decided = False
 
     def collect(self) -> Iterator[SpecItem]:
-        try:
-            tests = specrun.collect(self.path, _time_limit(self.config))
-        except SpecLoadError as exc:
-            text = exc.message if not exc.trace else f"{exc.message}\n{exc.trace}"
-            raise self.CollectError(f"cannot load Lua spec file:\n{text}") from None
-        for test in tests:
+        fr = specrun.run_file(self.path, None, _time_limit(self.config))
+        if fr.load_error is not None:
+            test = SpecTest(id=fr.file_item, name=fr.file_item, tags=(), line=fr.load_error.line or 0)
+            self._full = {test.id: fr.load_error}
+            yield SpecItem.from_parent(self, name=_item_name(test.id), spec=test)
+            return
+        self._full = fr.results
+        for test in fr.tests:
             item = SpecItem.from_parent(self, name=_item_name(test.id), spec=test)
             for tag in test.tags:
                 if tag not in _RESERVED_MARKERS:
@@ -103,22 +113,21 @@ class SpecFile(pytest.File):
             yield item
 
     def result_for(self, item: SpecItem) -> SpecResult:
-        """The item's result, running this file's selected, not yet run items if needed."""
+        """The item's result: from the run at collection when every item of this file is
+        selected, else from one rerun of the selected ones."""
+        if not self._decided:
+            self._decided = True
+            mine = [i for i in item.session.items if isinstance(i, SpecItem) and i.parent is self]
+            if len(mine) == len(self._full) and all(i.spec.id in self._full for i in mine):
+                self._results = self._full
+            else:
+                ids = [i.spec.id for i in mine] or [item.spec.id]
+                if item.spec.id not in ids:
+                    ids.append(item.spec.id)
+                self._results = specrun.run(self.path, ids, _time_limit(self.config))
         sid = item.spec.id
         if sid not in self._results:
-            batch = [
-                i for i in item.session.items
-                if isinstance(i, SpecItem) and i.parent is self and i.runs_lua
-                and i.spec.id not in self._results
-            ]
-            if item not in batch:
-                batch.append(item)
-            ids = [i.spec.id for i in batch]
-            try:
-                self._results.update(specrun.run(self.path, ids, _time_limit(self.config)))
-            except SpecLoadError as exc:
-                failed = SpecResult(status="error", message=exc.message, trace=exc.trace)
-                self._results.update({i: failed for i in ids})
+            self._results.update(specrun.run(self.path, [sid], _time_limit(self.config)))
         return self._results[sid]
 
 
@@ -130,31 +139,9 @@ class SpecError(Exception):
         self.text = text
 
 
-def _located(message: str | None, file: str | None, line: int | None, fallback: str) -> str:
-    text = message or "(no error message)"
-    first = text.split("\n", 1)[0]
-    if file and line and f":{line}:" not in first:
-        text = f"{file}:{line}: {text}"
-    return text or fallback
-
-
-def _render(o: Outcome | SpecResult, where: str, spec_file: str) -> str:
-    """Lua errors get their traceback; assertion failures only when they happened outside
-    the spec file (in a driver module), to show which spec line led there."""
-    text = _located(o.message, o.file, o.line, where)
-    shows_trace = o.status == "error" or (o.file is not None and o.file != spec_file)
-    if shows_trace and o.trace and o.trace.strip() != "stack traceback:":
-        text += "\n" + o.trace
-    return text
-
-
-def _render_hook(o: Outcome, where: str, spec_file: str) -> str:
-    block = f" of '{o.block}'" if o.block else (" of the file" if o.block == "" else "")
-    return f"{o.hook or 'hook'}{block} failed ({o.status}):\n{_render(o, where, spec_file)}"
-
-
 class SpecItem(pytest.Item):
-    """One `it` (or pending, or a describe whose body failed) of a spec file."""
+    """One `it` (or pending, or a describe whose body failed, or a file that failed to
+    load) of a spec file."""
 
     parent: SpecFile
 
@@ -163,11 +150,6 @@ class SpecItem(pytest.Item):
         self.spec = spec
         self._result: SpecResult | None = None
 
-    @property
-    def runs_lua(self) -> bool:
-        """False for items whose outcome is known from collection (pending, broken describe)."""
-        return not self.spec.pending and self.spec.error is None
-
     def _where(self) -> str:
         return f"{self.path.name}:{self.spec.line}"
 
@@ -175,20 +157,16 @@ class SpecItem(pytest.Item):
         return specrun.display_name(self.path)
 
     def setup(self) -> None:
-        if not self.runs_lua:
-            return
         self._result = self.parent.result_for(self)
         if self._result.setup is not None:
+            sys.stdout.write(self._result.output)
             raise SpecError(_render_hook(self._result.setup, self._where(), self._spec_file()))
 
     def runtest(self) -> None:
-        if self.spec.error is not None:
-            raise SpecError(_render(
-                SpecResult("error", self.spec.error, self.spec.trace), self._where(), self._spec_file()))
-        if self.spec.pending:
-            raise pytest.skip.Exception("pending", _use_item_location=True)
         r = self._result
         assert r is not None
+        if r.output:
+            sys.stdout.write(r.output)   # the test's captured output, as pytest shows it
         if r.status == "pending":
             raise pytest.skip.Exception(f"pending: {r.message}" if r.message else "pending",
                                         _use_item_location=True)
@@ -206,4 +184,4 @@ class SpecItem(pytest.Item):
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, (self.spec.line - 1 if self.spec.line else None), self.spec.id
+        return self.path, (self.spec.line - 1 if self.spec.line else None), head_line(self.spec.id)

@@ -647,7 +647,7 @@ class KitDriver:
         if old is not None:
             old.close()
         try:
-            spec, pattern = framing_spec(rt.R.driver().framing)
+            spec, pattern = framing_spec(rt.framing())
             link = _MockLink(self, dev, kind, spec, pattern)
         except (FramingError, ValueError) as e:
             self.logger.error("[%s/%s] cannot set up its %s transport: %s", self.id, dev.id, kind, e)

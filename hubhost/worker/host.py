@@ -76,8 +76,8 @@ class DriverSlot:
 
     def wait_host(self, rt: DriverRuntime, token: int, what: str, arg: Any) -> None:
         handler = self.sup.wait_handlers.get(what)
-        if handler is None:
-            rt.resume(token, None, f"unknown host wait {what!r}".encode())
+        if handler is None:   # answered from the run queue: a resume never nests in Lua
+            self.actor.post(rt.resume, token, None, f"unknown host wait {what!r}".encode())
             return
         handler(self, rt, token, arg)
 
@@ -175,7 +175,7 @@ class DriverSlot:
         """On the driver's thread: build the runtime, load the entry chunk, start devices."""
         rt = DriverRuntime(self.id, self.cfg.path, self, max_memory=self.cfg.max_memory,
                            cpu_limit=self.cfg.cpu_limit, state_dir=self.state_dir,
-                           status=self.sup.status)
+                           status=self.sup.status, **self.cfg.runtime_limits())
         self.rt = rt
         for hook in self.sup.runtime_hooks:
             hook(self, rt)
@@ -211,13 +211,12 @@ class DriverSlot:
         """Stop this runtime and schedule a restart with exponential backoff."""
         if self.state in ("restarting", "stopped"):
             return
-        log.error("[%s] driver crashed: %s; restarting in %g s", self.id, reason, self.backoff)
         self.last_error = reason
         self._cancel_all()
         rt, actor = self.rt, self.actor
         if actor is not None:
             if rt is not None:
-                self.sup.on_crash(self, rt, actor)
+                self.sup.on_crash(self, rt, actor)   # e.g. connected = false, before the line below
             actor.stop()
         self.rt, self.actor = None, None
         self.state = "restarting"
@@ -229,6 +228,7 @@ class DriverSlot:
         self.last_crash = now
         self.restarts += 1
         self.faults.clear()
+        log.error("[%s] driver crashed: %s; restarting in %g s", self.id, reason, delay)
         self.restart_handle = self.loop.call_later(delay, self._restart)
         self.sup.report(self)
 

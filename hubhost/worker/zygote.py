@@ -70,6 +70,13 @@ def preload() -> None:
         except Exception:  # noqa: BLE001 - warming up is an optimisation only
             pass
         rt = None
+
+    async def _warm() -> None:   # asyncio's lazy parts, set up once here instead of per worker
+        import asyncio
+        await asyncio.sleep(0)
+
+    import asyncio
+    asyncio.run(_warm())
     gc.collect()
     gc.freeze()
 

@@ -27,6 +27,13 @@ local new_buffer = raw.buffer.new
 
 local MAX_DEPTH = 100    -- as the datastore: deeper values could not be stored either
 
+-- Tables are traversed with `iterate(t)`, never `pairs(t)`: LuaJIT compiles loops over a
+-- variable named `pairs` or `next` as ITERN, and this LuaJIT can drop an element from such
+-- a loop when a trace records next() right after the loop was despecialized (LuaJIT issue
+-- #1510; see lua/datastore.lua). That is how `[x, x, y]` was once refused as a "sparse
+-- array" and accepted on the retry (issue 12's hypothesis FlakyFailure).
+local iterate = pairs
+
 local M = {}
 
 ---------------------------------------------------------------------------------------------
@@ -152,7 +159,7 @@ local aborted = false        -- the last table encoding raised: the scratch stat
 -- "array", "object" or "empty" and the count, or raises naming the problem.
 local function table_kind(t, depth)
   local n, nstr, maxi = 0, 0, 0
-  for k in pairs(t) do
+  for k in iterate(t) do
     n = n + 1
     local tk = type(k)
     if tk == "string" then
@@ -198,7 +205,7 @@ local function put_table(buf, t, depth)
       if d1 > pool_depth then pool_depth = d1 end
     end
     local nk = 0
-    for k in pairs(t) do nk = nk + 1 keys[nk] = k end
+    for k in iterate(t) do nk = nk + 1 keys[nk] = k end
     if nk > 1 then tsort(keys) end
     buf:put("{")
     for i = 1, nk do

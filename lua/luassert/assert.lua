@@ -27,15 +27,19 @@ local state_mt = {}
 
 state_mt.__index = util.token_index
 
+-- A chain is stored words plus what its calls set (assert.spy(s), assert.is_not(...)).
+-- Calling the assertion runs the whole chain again each time, from the state the chain
+-- had before its assertion words: `local eq = assert.are.equal; eq(1, 1); eq(1, 2)` fails
+-- at the second call, and a stored `assert.is_not.equal` stays negated.
 state_mt.__call = function(self, ...)
   local keys = util.extract_keys("assertion", self.tokens)
-  self.tokens = {}
   local assertion
   for _, key in ipairs(keys) do
     assertion = namespace.assertion[key] or assertion
   end
-  local arguments = { n = select("#", ...), ... }
+  local arguments = util.make_arglist(...)
   if assertion then
+    self.mod = rawget(self, "base_mod") ~= false
     for _, key in ipairs(keys) do
       local m = namespace.modifier[key]
       if m then m.callback(self) end
@@ -49,16 +53,19 @@ state_mt.__call = function(self, ...)
     if retargs then return util.unpack(retargs) end
     return ...
   end
+  self.tokens = {}
+  self.mod = rawget(self, "base_mod") ~= false
   for _, key in ipairs(keys) do
     local m = namespace.modifier[key]
     if m then m.callback(self, arguments, 1) end
   end
+  self.base_mod = self.mod
   return self
 end
 
 obj = {
   --- A fresh chain state (what assert.<anything> starts from).
-  state = function() return setmetatable({ mod = true, tokens = {} }, state_mt) end,
+  state = function() return setmetatable({ mod = true, base_mod = true, tokens = {} }, state_mt) end,
 
   --- Registers an assertion, modifier or matcher under name.
   register = function(self, nspace, name, callback, positive_message, negative_message)

@@ -116,6 +116,28 @@ local function fmt_thread(v)
   if type(v) == "thread" then return string.format("(thread) '%s'", tostring(v)) end
 end
 
+local function format_one(v)
+  return assert:format({ v, n = 1 })[1]
+end
+
+-- "(matcher) is.same((number) 1)", "(matcher) no.truthy()", "(matcher) _ *anything*"
+local function fmt_matcher(v)
+  local match = require "luassert.match"
+  if not match.is_matcher(v) then return end
+  if v.name == "_" then return "(matcher) _ *anything*" end
+  local args, list = {}, v.arguments or { n = 0 }
+  for i = 1, list.n or #list do args[i] = format_one(list[i]) end
+  return "(matcher) " .. (v.mod and "is." or "no.") .. tostring(v.name) .. "(" .. table.concat(args, ", ") .. ")"
+end
+
+-- A spy's call or results: "(values list) ((number) 1, (string) 'x')"
+local function fmt_arglist(v)
+  if not util.is_arglist(v) then return end
+  local parts = {}
+  for i = 1, v.n or #v do parts[i] = format_one(v[i]) end
+  return "(values list) (" .. table.concat(parts, ", ") .. ")"
+end
+
 assert:add_formatter(fmt_string)
 assert:add_formatter(fmt_number)
 assert:add_formatter(fmt_boolean)
@@ -124,6 +146,8 @@ assert:add_formatter(fmt_table)
 assert:add_formatter(fmt_function)
 assert:add_formatter(fmt_userdata)
 assert:add_formatter(fmt_thread)
+assert:add_formatter(fmt_matcher)
+assert:add_formatter(fmt_arglist)
 assert:set_parameter("TableFormatLevel", 3)
 assert:set_parameter("TableFormatShowRecursion", false)
 assert:set_parameter("TableErrorHighlightCharacter", "*")

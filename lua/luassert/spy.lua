@@ -6,10 +6,10 @@ util.mark_internal(function() end)
 
 local spy_mt = {
   __call = function(self, ...)
-    local arguments = util.pack(...)
+    local arguments = util.make_arglist(...)
     self.calls[#self.calls + 1] = util.copyargs(arguments)
     local function record(...)
-      local returned = util.pack(...)
+      local returned = util.make_arglist(...)
       self.returnvals[#self.returnvals + 1] = util.copyargs(returned)
       return ...
     end
@@ -45,12 +45,20 @@ local methods = {
     return n > 0, n
   end,
 
+  --- true and the newest matching call's arguments, or false and the last call's (nil
+  --- when never called): what the failure message shows.
   called_with = function(self, args)
-    return util.matchargs(self.calls, args) ~= nil
+    local found = util.matchargs(self.calls, args)
+    if found then return true, found.vals end
+    local last = self.calls[#self.calls]
+    return false, last and last.vals
   end,
 
   returned_with = function(self, args)
-    return util.matchargs(self.returnvals, args) ~= nil
+    local found = util.matchargs(self.returnvals, args)
+    if found then return true, found.vals end
+    local last = self.returnvals[#self.returnvals]
+    return false, last and last.vals
   end,
 }
 
@@ -93,12 +101,24 @@ local function payload_of(state, name)
   util.error("'" .. name .. "' must be chained after 'spy(aspy)'")
 end
 
+-- The message shows (seen, expected): the call that matched or the last one, and the
+-- arguments asked for; both as "(values list) (...)".
+local function with_seen(state, arguments, name)
+  local s = payload_of(state, name)
+  local holds, seen = s[name](s, arguments)
+  local expected = util.shallowcopy(arguments)
+  util.cleararglist(arguments)
+  util.tinsert(arguments, 1, seen)
+  util.tinsert(arguments, 2, expected)
+  return holds
+end
+
 local function returned_with(state, arguments)
-  return payload_of(state, "returned_with"):returned_with(arguments)
+  return with_seen(state, arguments, "returned_with")
 end
 
 local function called_with(state, arguments)
-  return payload_of(state, "called_with"):called_with(arguments)
+  return with_seen(state, arguments, "called_with")
 end
 
 local function called(state, arguments, _, compare)

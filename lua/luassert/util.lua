@@ -123,12 +123,15 @@ function util.check(cond, message)
   if not cond then util.fail(message) end
 end
 
+-- say as loaded with luassert: a spec may drop package.loaded.say to test its own copy
+local say = require "say"
+
 function util.argtolittle(name, min, n)
-  return require("say")("assertion.internal.argtolittle", { name, min, tostring(n) })
+  return say("assertion.internal.argtolittle", { name, min, tostring(n) })
 end
 
 function util.badargtype(pos, name, expected, got)
-  return require("say")("assertion.internal.badargtype", { pos, name, expected, got })
+  return say("assertion.internal.badargtype", { pos, name, expected, got })
 end
 
 -- __index of the chaining states of assert and match: `is_not_equal`, `.is.Not`, ... each
@@ -199,9 +202,10 @@ function util.deepcompare(t1, t2, ignore_mt, cycles)
   return true
 end
 
+--- A one-level copy; the metatable is shared (an argument list stays one).
 function util.shallowcopy(t)
   if type(t) ~= "table" then return t end
-  local copy = {}
+  local copy = setmetatable({}, getmetatable(t))
   for k, v in next, t do copy[k] = v end
   return copy
 end
@@ -221,11 +225,12 @@ function util.deepcopy(t, cache)
   return copy
 end
 
---- Copies a call's arguments: values (deep, frozen at call time) and refs.
+--- Copies a call's arguments: values (deep, frozen at call time) and refs;
+--- both stay argument lists when args is one.
 function util.copyargs(args)
   local match = require "luassert.match"
   local spy = require "luassert.spy"
-  local copy = {}
+  local copy = setmetatable({}, getmetatable(args))
   for k, v in pairs(args) do
     if match.is_matcher(v) or spy.is_spy(v) then copy[k] = v else copy[k] = util.deepcopy(v) end
   end
@@ -257,9 +262,11 @@ local function args_match(t1, t2, t1refs)
   return true
 end
 
---- The first recorded argument list (from copyargs) matching args, or nil.
+--- The newest recorded argument list (from copyargs) matching args, or nil:
+--- searched last to first, so a failure can show the latest call.
 function util.matchargs(argslist, args)
-  for _, v in ipairs(argslist) do
+  for i = #argslist, 1, -1 do
+    local v = argslist[i]
     if args_match(v.vals, args, v.refs) then return v end
   end
   return nil
@@ -273,8 +280,22 @@ function util.matchoncalls(oncalls, args)
   return nil
 end
 
+-- Argument lists (a call's arguments or results, with n for trailing nils) carry a
+-- metatable of their own, so messages can format them as "(values list) (...)".
+local arglist_mt = {}
+
 function util.make_arglist(...)
-  return { n = select("#", ...), ... }
+  return setmetatable({ n = select("#", ...), ... }, arglist_mt)
+end
+
+function util.is_arglist(obj)
+  return getmetatable(obj) == arglist_mt
+end
+
+--- Empties an argument list in place (its n included).
+function util.cleararglist(args)
+  for i = (args.n or #args), 1, -1 do args[i] = nil end
+  args.n = nil
 end
 
 function util.pack(...)
