@@ -257,6 +257,20 @@ class WorkerHandle:
             for s in self.slots.values():
                 s.state = "stopped"
             return []
+        if self.started is not None and not self.started.done():
+            # still starting (e.g. a slow entry chunk): nothing of it has run yet, so there is
+            # nothing to flush; abandon the start instead of waiting for it
+            log.warning("[%s] stopping during start-up: %s abandoned before running", self.name,
+                        ", ".join(self.slots))
+            self.kill("stopped during start-up")
+            if self.reader is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.reader), 5.0)
+                except asyncio.TimeoutError:
+                    pass
+            for s in self.slots.values():
+                s.state = "stopped"
+            return []
         budget = max(0.1, deadline - self.loop.time())
         self.send(["stop", budget])
         try:
@@ -608,7 +622,8 @@ class Supervisor:
             await asyncio.to_thread(atomicfile.write_atomic, target,
                                     orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
         except OSError as e:
-            log.error("[%s] cannot write %s: %s", slot.id, target, e)
+            log.error("[%s] could not record the known devices in %s: %s (the driver runs on; a "
+                      "device seen now counts as new at the next start)", slot.id, target, e)
 
     # -- datastore files (the supervisor's; workers send snapshots) -----------------------
     def store_file(self, slot: DriverSlot) -> StoreFile:
@@ -921,7 +936,7 @@ async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Superv
     stop_wait = loop.create_task(sup.wait_stopped())
     await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
-        log.info("stopping during start-up (signal received)")
+        log.info("stop requested during start-up: drivers that have not started are abandoned")
     else:
         exc = starting.exception()
         if exc is not None:
