@@ -164,6 +164,10 @@ class WorkerHandle:
             s.worker = self
         for s in self.slots.values():   # before the fork: a later edit shows as a change
             s.code = await asyncio.to_thread(codehash.code_hashes, s.cfg.path)
+        if self.stopping or self.sup.stopping:   # stopped (a reload, the hub) meanwhile
+            for s in self.slots.values():
+                s.state = "stopped"
+            return
         try:
             pid, sock = await self.sup.zygote.fork()
         except Exception as e:  # noqa: BLE001 - the zygote failed: retry like a crash
