@@ -117,6 +117,7 @@ def test_hubhost_check_and_a_hub_report_it(tmp_path: Path) -> None:
                          timeout=60)
     assert out.returncode == 1
     assert "typo/init.lua:5: unknown key 'delimitr' in framing (did you mean 'delimiter'?)" in out.stdout
+    assert "stack traceback" not in out.stdout and "runtime.lua" not in out.stdout, out.stdout
     # the framing values are checked by the device links, in a hub: located the same way
     bad = tmp_path / "badframing"
     bad.mkdir()
