@@ -72,6 +72,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess, 
     tmp = tmp_path_factory.mktemp("logs")
     write_driver(tmp, "alpha", CHATTY % {"name": "alpha", "tag": "ALPHA"})
     write_driver(tmp, "beta", CHATTY % {"name": "beta", "tag": "BETA"})
+    write_driver(tmp, "gamma", CHATTY % {"name": "gamma", "tag": "GAMMA"})
     write_driver(tmp, "broken", "error('never starts')\n")
     state = tmp / "state"
     cfg = write_config(tmp / "hub.toml", f"""
@@ -86,6 +87,12 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess, 
         path = "beta"
         [[drivers.devices]]
         id = "b1"
+        [[drivers]]
+        id = "gamma"
+        path = "gamma"
+        log_level = "debug"          # its own level, below the hub's
+        [[drivers.devices]]
+        id = "g1"
         [[drivers]]
         id = "broken"
         path = "broken"
@@ -209,7 +216,7 @@ def test_status_summary_agrees_with_rows(hub: tuple[HubProcess, Path, Path]) -> 
         if "failed" in states:
             break
         time.sleep(0.2)
-    assert "2 drivers running, 1 failed, 0 restarting" in first, out.stdout
+    assert "3 drivers running, 1 failed, 0 restarting" in first, out.stdout
     assert any(r.startswith("broken: failed") for r in rows), rows
 
 
@@ -307,3 +314,11 @@ def test_a_follower_that_leaves_is_no_error(hub: tuple[HubProcess, Path, Path]) 
     time.sleep(0.5)                                  # beta logs every 50 ms: the hub writes to a closed socket
     assert not h.find("API: GET /api/v1/logs failed")
     assert not h.find("Traceback")
+
+
+def test_log_level_per_driver_in_the_config(hub: tuple[HubProcess, Path, Path]) -> None:
+    h, cfg, state = hub
+    h.wait_for("GAMMA-DEBUG")                 # gamma's own level: debug, the hub's: info
+    assert not h.find("BETA-DEBUG")
+    out = _cli("logs", "gamma", "--level", "debug", "--state-dir", str(state))
+    assert "GAMMA-DEBUG" in out.stdout
