@@ -20,6 +20,9 @@
 -- file) restore the sandbox globals and luassert's spies when they end;
 -- expose blocks write to their grandparent so following blocks see it.
 -- Luassert errors are failures; any other error is an error.
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local luassert = require "luassert"
 local spy = require "luassert.spy"
 local stub = require "luassert.stub"
@@ -121,7 +124,7 @@ function M.new(opts)
   self.serial = 0
   self.root = { kind = "root", hooks = {}, children = {}, names = {} }
   self.root.env = self:exports()
-  for k, v in pairs(opts.globals or {}) do
+  for k, v in each_pair(opts.globals or {}) do
     if self.root.env[k] == nil then self.root.env[k] = v end
   end
   self.current = self.root
@@ -232,16 +235,16 @@ end
 
 function Runner:save()
   local g = {}
-  for k, v in next, self.base do g[k] = v end
+  for k, v in each_next, self.base do g[k] = v end
   return { g = g, snapshot = astate.snapshot() }
 end
 
 function Runner:restore(saved)
   local base = self.base
-  for k in next, base do
+  for k in each_next, base do
     if saved.g[k] == nil then base[k] = nil end
   end
-  for k, v in next, saved.g do base[k] = v end
+  for k, v in each_next, saved.g do base[k] = v end
   pcall(astate.revert, saved.snapshot)
 end
 

@@ -14,6 +14,9 @@ local caps = select(2, ...)
 
 local type, pairs, ipairs, tostring, tonumber, error, select, setmetatable, xpcall, next =
   type, pairs, ipairs, tostring, tonumber, error, select, setmetatable, xpcall, next
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local floor, huge = math.floor, math.huge
 local str_format, str_find, str_match = string.format, string.find, string.match
 local tconcat, tsort = table.concat, table.sort
@@ -87,7 +90,7 @@ local function bad(msg, level) error("driver_helper: " .. msg, level + 1) end
 
 local function sorted_keys(t)
   local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
+  for k in each_pair(t) do keys[#keys + 1] = k end
   tsort(keys, function(a, b) return tostring(a) < tostring(b) end)
   return keys
 end
@@ -182,7 +185,7 @@ local function describe(t, level)
     if not str_find(name, "^[%a_][%w_]*$") then
       bad(str_format("template.functions: %q is not a valid function name (letters, digits, _)", name), level)
     end
-    for k in pairs(f) do
+    for k in each_pair(f) do
       if not FUNCTION_KEYS[k] then
         bad(str_format("template.functions.%s.%s is not a function field (params, handler, security, timeout, description)",
           name, tostring(k)), level)
@@ -209,7 +212,7 @@ local function describe(t, level)
     if type(t.security) ~= "table" then
       bad("template.security must be a table { support = {names}, administrator = {names} }", level)
     end
-    for lvl, names in pairs(t.security) do
+    for lvl, names in each_pair(t.security) do
       if lvl ~= "support" and lvl ~= "administrator" then
         bad(str_format("template.security.%s is not a level (support, administrator)", tostring(lvl)), level)
       end
@@ -237,7 +240,7 @@ local function describe(t, level)
     if type(t.requirements) ~= "table" then
       bad("template.requirements must be a table { Module = { \"Interface\", ... } }", level)
     end
-    for k, v in pairs(t.requirements) do
+    for k, v in each_pair(t.requirements) do
       if type(k) ~= "string" then bad("template.requirements keys must be module names (strings)", level) end
       out.requirements[k] = check_string_list("template.requirements." .. k, v, level)
     end

@@ -1,5 +1,8 @@
 --- driver_helper: builds a driver from its template and gives it timers, devices and the
 -- datastore. See DESIGN section 3 for the names; they are a contract with driver authors.
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local caps = select(2, ...)
 local log = require "log"
 local json = require "hubhost.json"
@@ -64,7 +67,7 @@ function Driver:run() return self end
 --- The driver's devices, by id.
 function Driver:get_devices()
   local list = {}
-  for _, d in pairs(caps.devices()) do list[#list + 1] = d end
+  for _, d in each_pair(caps.devices()) do list[#list + 1] = d end
   table.sort(list, function(a, b) return a.id < b.id end)
   return list
 end
@@ -115,7 +118,7 @@ local try_encode = json.try_encode
 local function plain(v)
   if type(v) ~= "table" then return v end
   local c = {}
-  for k, x in pairs(v) do c[k] = plain(x) end
+  for k, x in each_pair(v) do c[k] = plain(x) end
   return c
 end
 
@@ -209,7 +212,7 @@ local function validate(t, level)
   end
   if t.lifecycle ~= nil then
     if type(t.lifecycle) ~= "table" then fail("template.lifecycle must be a table", level) end
-    for k, v in pairs(t.lifecycle) do
+    for k, v in each_pair(t.lifecycle) do
       if not LIFECYCLE[k] then
         fail("template.lifecycle." .. tostring(k) .. " is not a lifecycle event (init, added, removed, shutdown, connected, disconnected)", level)
       end
@@ -221,7 +224,7 @@ local function validate(t, level)
   end
   if t.functions ~= nil then
     if type(t.functions) ~= "table" then fail("template.functions must be a table", level) end
-    for name, f in pairs(t.functions) do
+    for name, f in each_pair(t.functions) do
       if type(name) ~= "string" then fail("template.functions keys must be names (strings)", level) end
       if type(f) ~= "table" or type(f.handler) ~= "function" then
         fail("template.functions." .. name .. " must be a table with a handler function", level)
@@ -234,7 +237,7 @@ end
 local function build(template, transport, level)
   template_check.run(validate, template, 1)   -- raises "<driver file>:<line>: ..."
   local d = setmetatable({}, Driver)
-  for k, v in pairs(template) do d[k] = v end
+  for k, v in each_pair(template) do d[k] = v end
   d.name = template.name
   d.lifecycle = template.lifecycle or {}
   d.functions = template.functions or {}

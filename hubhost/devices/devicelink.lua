@@ -7,6 +7,9 @@
 -- (connected / disconnected handlers and the `connected` status) and tokenize (a `pattern`
 -- framing function under the CPU budget).
 
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local R, caps, host, sb, cpu_limit = ...
 
 local type, tostring, error, select, pairs, pcall, rawget =
@@ -81,7 +84,7 @@ local function check_options(opts)
   if type(opts) ~= "table" then
     error("device:request: options must be a table, got " .. type(opts), 4)
   end
-  for k in pairs(opts) do
+  for k in each_pair(opts) do
     if not REQUEST_OPTIONS[k] then
       error("device:request: unknown option " .. tostring(k)
         .. " (allowed: timeout, retries, priority, name, match)", 4)

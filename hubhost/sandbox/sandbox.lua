@@ -14,6 +14,9 @@
 -- lets driver code nest C calls without a bound, and never hands driver code the private
 -- values (WAIT, DONE, handler coroutines) that host waits are made of.
 
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local host, patterns, sorter = ...
 
 local type, pairs, ipairs, next, tostring, tonumber, select, error, pcall, xpcall =
@@ -68,7 +71,7 @@ M.busy_cell = busy_cell     -- kept referenced here: the heartbeat thread reads 
 -- The string metatable is shared by every string in the runtime: point it at a private,
 -- dump-free string table and hide it behind __metatable.
 local safe_string = {}
-for k, v in pairs(string) do safe_string[k] = v end
+for k, v in each_pair(string) do safe_string[k] = v end
 safe_string.dump = nil
 if patterns then
   safe_string.find, safe_string.match = patterns.find, patterns.match
@@ -289,7 +292,7 @@ end
 -- table.* on proxies: read-only functions work on the backing table; mutating ones go
 -- through the proxy so every write is checked.
 local safe_table = {}
-for k, v in pairs(table) do safe_table[k] = v end
+for k, v in each_pair(table) do safe_table[k] = v end
 safe_table.unpack = safe_unpack
 
 function safe_table.concat(t, sep, i, j)
@@ -393,7 +396,7 @@ M.loaded = loaded          -- the spec runner's package.loaded (hubhost/testing/
 
 local function copy(t)
   local c = {}
-  for k, v in pairs(t) do c[k] = v end
+  for k, v in each_pair(t) do c[k] = v end
   return c
 end
 

@@ -42,6 +42,9 @@ def die_with_parent() -> None:
 
 def preload() -> None:
     """Import the worker's code and compile the bundled Lua once, before any fork."""
+    import concurrent.futures.thread  # noqa: F401 - lazy in concurrent.futures; every worker uses it
+    import queue  # noqa: F401
+
     import hubhost.worker.main as worker_main  # noqa: F401 - imported for the children
 
     from hubhost.sandbox.runtime import DriverRuntime

@@ -1,4 +1,7 @@
 -- assert.array(t).has.no.holes([length]): checks a list for nil gaps.
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local assert = require "luassert.assert"
 local util = require "luassert.util"
 util.mark_internal(function() end)
@@ -18,7 +21,7 @@ local function holes(state, args)
   if arr == nil then error("No array set, please use the array modifier to set the array to validate", 3) end
   if length == nil then
     length = 0
-    for i in pairs(arr) do
+    for i in each_pair(arr) do
       if type(i) == "number" and i > length and math.floor(i) == i then length = i end
     end
   end

@@ -1,5 +1,8 @@
 -- How values appear in assertion messages: "(number) 1", "(string) 'x'",
 -- "(table: 0x...) { ... }" with the first difference marked by "*".
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local assert = require "luassert.assert"
 local util = require "luassert.util"
 util.mark_internal(function() end)
@@ -35,7 +38,7 @@ local type_priorities = {
 
 local function sorted_keys(t)
   local keys, n = {}, 0
-  for k in pairs(t) do
+  for k in each_pair(t) do
     n = n + 1
     keys[n] = k
   end

@@ -1,5 +1,8 @@
 -- mock(t[, dostub]): every function reachable in t becomes a spy (or a
 -- stub), so a whole module can be watched; mock.revert undoes it.
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local spy = require "luassert.spy"
 local stub = require "luassert.stub"
 local util = require "luassert.util"
@@ -8,7 +11,7 @@ util.mark_internal(function() end)
 local function apply(object, action)
   if type(object) ~= "table" then return end
   if spy.is_spy(object) then return object[action](object) end
-  for _, v in pairs(object) do apply(v, action) end
+  for _, v in each_pair(object) do apply(v, action) end
   return object
 end
 
@@ -21,7 +24,7 @@ function mock.new(object, dostub, func, self, key)
     if t == "table" then
       if spy.is_spy(obj) or visited[obj] then return obj end
       visited[obj] = true
-      for k2, v in pairs(obj) do obj[k2] = do_mock(v, obj, k2) end
+      for k2, v in each_pair(obj) do obj[k2] = do_mock(v, obj, k2) end
       return obj
     elseif t == "function" then
       if dostub then return stub(parent, k, func) end

@@ -1,5 +1,8 @@
 -- Spies: callables that record their calls and return values, and the
 -- assertions that inspect them (assert.spy(s).was.called_with(...)).
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local assert = require "luassert.assert"
 local util = require "luassert.util"
 util.mark_internal(function() end)
@@ -69,7 +72,7 @@ function spy.new(callback)
     util.error("Cannot spy on type '" .. type(callback) .. "', only on functions or callable elements")
   end
   local s = setmetatable({ calls = {}, returnvals = {}, callback = callback }, spy_mt)
-  for name, fn in pairs(methods) do s[name] = fn end
+  for name, fn in each_pair(methods) do s[name] = fn end
   assert:add_spy(s)
   return s
 end

@@ -1,6 +1,9 @@
 -- Helpers shared by luassert's modules: deep comparison, argument copies
 -- for spies, token parsing and the one place where failures are raised.
 -- Locations come from a host capability (no debug library in the sandbox).
+-- Loops iterate through each_pair/each_next, not variables named pairs/next: LuaJIT (lupa 2.8)
+-- can drop an element from a specialized pairs/next loop (ITERN, LuaJIT #1510).
+local each_pair, each_next = pairs, next
 local util = {}
 
 local unpack = unpack
@@ -108,8 +111,8 @@ end
 -- No two entries of `list` are equal (deep: or the same by deepcompare); shared by the
 -- `unique` assertion and matcher.
 function util.is_unique(list, deep)
-  for k, v in pairs(list) do
-    for k2, v2 in pairs(list) do
+  for k, v in each_pair(list) do
+    for k2, v2 in each_pair(list) do
       if k ~= k2 then
         if deep and util.deepcompare(v, v2, true) then return false end
         if v == v2 then return false end
@@ -178,7 +181,7 @@ function util.deepcompare(t1, t2, ignore_mt, cycles)
   if seen and seen[t2] then return true end
   if not seen then seen = {}; cycles[t1] = seen end
   seen[t2] = true
-  for k1, v1 in next, t1 do
+  for k1, v1 in each_next, t1 do
     local v2 = t2[k1]
     if v2 == nil then
       seen[t2] = nil
@@ -192,7 +195,7 @@ function util.deepcompare(t1, t2, ignore_mt, cycles)
       return false, crumbs
     end
   end
-  for k2 in next, t2 do
+  for k2 in each_next, t2 do
     if t1[k2] == nil then
       seen[t2] = nil
       return false, { k2 }
@@ -206,7 +209,7 @@ end
 function util.shallowcopy(t)
   if type(t) ~= "table" then return t end
   local copy = setmetatable({}, getmetatable(t))
-  for k, v in next, t do copy[k] = v end
+  for k, v in each_next, t do copy[k] = v end
   return copy
 end
 
@@ -219,7 +222,7 @@ function util.deepcopy(t, cache)
   if spy.is_spy(t) then return t end
   local copy = {}
   cache[t] = copy
-  for k, v in next, t do copy[k] = util.deepcopy(v, cache) end
+  for k, v in each_next, t do copy[k] = util.deepcopy(v, cache) end
   local mt = getmetatable(t)
   if type(mt) == "table" then pcall(setmetatable, copy, mt) end
   return copy
@@ -231,7 +234,7 @@ function util.copyargs(args)
   local match = require "luassert.match"
   local spy = require "luassert.spy"
   local copy = setmetatable({}, getmetatable(args))
-  for k, v in pairs(args) do
+  for k, v in each_pair(args) do
     if match.is_matcher(v) or spy.is_spy(v) then copy[k] = v else copy[k] = util.deepcopy(v) end
   end
   return { vals = copy, refs = util.shallowcopy(args) }
@@ -239,7 +242,7 @@ end
 
 local function args_match(t1, t2, t1refs)
   local match = require "luassert.match"
-  for k1, v1 in pairs(t1) do
+  for k1, v1 in each_pair(t1) do
     local v2 = t2[k1]
     if match.is_matcher(v1) then
       if not v1(v2) then return false end
@@ -250,7 +253,7 @@ local function args_match(t1, t2, t1refs)
       return false
     end
   end
-  for k2, v2 in pairs(t2) do
+  for k2, v2 in each_pair(t2) do
     if t1[k2] == nil then
       if match.is_matcher(v2) then
         if not v2(nil) then return false end
