@@ -672,7 +672,7 @@ end
 -- Drop a parked handler coroutine: it is never resumed again (a timed-out function call,
 -- lua/driver_functions.lua). Returns true if it was parked.
 function M.drop(co)
-  for token, c in pairs(parked) do
+  for token, c in each_pair(parked) do
     if c == co then
       parked[token] = nil
       current_label[co] = nil

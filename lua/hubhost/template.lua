@@ -13,7 +13,8 @@
 -- (driver_helper, driver_functions, devicelink) are relocated the same way.
 local caps = select(2, ...)
 
-local type, pairs, tostring, error, pcall, select = type, pairs, tostring, error, pcall, select
+-- loops use each_pair, not a variable named pairs: LuaJIT #1510 (see lua/driver_helper.lua)
+local type, each_pair, tostring, error, pcall, select = type, pairs, tostring, error, pcall, select
 local str_format, str_find, str_sub, str_match, str_gsub =
   string.format, string.find, string.sub, string.match, string.gsub
 local tsort, tconcat = table.sort, table.concat
@@ -67,7 +68,7 @@ function M.suggest(key, known)
   if type(key) ~= "string" then return nil end
   local best, best_d = nil, nil
   local names = {}
-  for k in pairs(known) do names[#names + 1] = k end
+  for k in each_pair(known) do names[#names + 1] = k end
   tsort(names)
   local lk = key:lower()
   for _, k in ipairs(names) do
@@ -83,7 +84,7 @@ end
 
 local function sorted_names(known)
   local names = {}
-  for k in pairs(known) do names[#names + 1] = k end
+  for k in each_pair(known) do names[#names + 1] = k end
   tsort(names)
   return tconcat(names, ", ")
 end
@@ -100,7 +101,7 @@ end
 local function check_keys(tbl, known, where, path)
   if type(tbl) ~= "table" then return end
   local keys = {}
-  for k in pairs(tbl) do keys[#keys + 1] = k end
+  for k in each_pair(tbl) do keys[#keys + 1] = k end
   tsort(keys, function(a, b) return tostring(a) < tostring(b) end)
   for _, k in ipairs(keys) do
     if type(k) == "string" and not known[k] and str_sub(k, 1, 1) ~= "_" then
@@ -121,7 +122,7 @@ function M.check_keys(t)
   if type(t.framing) == "table" then check_keys(t.framing, M.FRAMING, "framing", { "framing" }) end
   if type(t.lifecycle) == "table" then
     local keys = {}
-    for k in pairs(t.lifecycle) do keys[#keys + 1] = k end
+    for k in each_pair(t.lifecycle) do keys[#keys + 1] = k end
     tsort(keys, function(a, b) return tostring(a) < tostring(b) end)
     for _, k in ipairs(keys) do
       if not M.LIFECYCLE[k] then
@@ -132,11 +133,11 @@ function M.check_keys(t)
     end
   end
   if type(t.functions) == "table" then
-    for name, f in pairs(t.functions) do
+    for name, f in each_pair(t.functions) do
       if type(name) == "string" and type(f) == "table" then
         check_keys(f, M.FUNCTION, "function " .. name, { "functions", name })
         if type(f.params) == "table" and f.params[1] == nil then
-          for pname, spec in pairs(f.params) do
+          for pname, spec in each_pair(f.params) do
             if type(spec) == "table" then
               check_keys(spec, M.PARAM, str_format("parameter %s of function %s", tostring(pname), name),
                 { "functions", name, "params", tostring(pname) })
