@@ -192,3 +192,51 @@ def test_edit_reload_restarts_changed_driver_only_and_retries_failed(tmp_path: P
         code, _ = hub.stop()
         peer.close()
     assert code == 0
+
+
+def test_a_failed_driver_is_retried_by_reload_without_any_change(tmp_path: Path) -> None:
+    """No code or config change: the driver failed on its state, the operator fixed that,
+    `reload` retries it at once instead of after its backoff."""
+    import asyncio
+    import json
+
+    from hubhost.api.server import reload_config
+    from hubutil import run, running_hub
+
+    write_driver(tmp_path, "picky", """
+        local driver_helper = require "driver_helper"
+        local log = require "log"
+        return driver_helper.init {
+          name = "picky",
+          lifecycle = { init = function(driver, device)
+            if driver.datastore.broken then error("the stored state is broken") end
+            log.info("PICKY-RUNNING")
+          end },
+        }
+    """)
+    cfg = write_config(tmp_path / "hub.toml", """
+        [[drivers]]
+        id = "picky"
+        path = "picky"
+        [[drivers.devices]]
+        id = "p1"
+    """)
+    store = tmp_path / "state" / "drivers" / "picky" / "datastore.json"
+    store.parent.mkdir(parents=True)
+    store.write_text(json.dumps({"broken": True}))
+
+    async def main() -> None:
+        async with running_hub(cfg, tmp_path / "state") as (sup, cap):
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and sup.slots["picky"].restarts < 3:
+                await asyncio.sleep(0.05)
+            assert sup.slots["picky"].restarts >= 3 and sup.slots["picky"].state != "running"
+            store.write_text(json.dumps({"broken": False}))      # next retry is 4 s away
+            t0 = time.monotonic()
+            report = await reload_config(sup)
+            assert report["restarted"] == ["picky"]
+            assert report["reasons"] == {"picky": "was failed: retrying"}, report
+            await cap.wait_for("PICKY-RUNNING", timeout=3)
+            assert sup.slots["picky"].state == "running" and time.monotonic() - t0 < 3
+
+    run(main())
