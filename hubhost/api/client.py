@@ -324,7 +324,7 @@ async def _logs(args: argparse.Namespace) -> int:
 def _journal_hint(name: str | None, is_device: bool = False) -> str:
     field = f" HUBHOST_{'DEVICE' if is_device else 'DRIVER'}={name}" if name else ""
     return (f"(older records: journalctl -u hubhost{field}; for a device: HUBHOST_DEVICE=<id>; "
-            "the hub keeps only the last 1000 per driver in memory)")
+            "the hub keeps only the last 1000 records per driver in memory)")
 
 
 async def _describe(args: argparse.Namespace) -> int:

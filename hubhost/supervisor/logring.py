@@ -2,7 +2,7 @@
 
 Every record a worker sends passes `WorkerHandle._h_log`, which hands it here after the
 checks (one line, escaped, naming only the worker's own drivers). Each driver has a ring
-of at most RING_SIZE records (older ones drop off; nothing is written to disk: the journal
+of at most RING_SIZE records and RING_BYTES of text (older ones drop off; nothing is written to disk: the journal
 or the log file is the long-term store). Followers (`hubhost logs -f`) get a queue that is
 fed as records arrive; a follower that falls FOLLOW_BACKLOG records behind is told how many
 it missed instead of growing without bound.
@@ -18,7 +18,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-RING_SIZE = 1000          # records kept per driver
+RING_SIZE = 1000          # records kept per driver ...
+RING_BYTES = 256 << 10    # ... and at most this much text per driver (a record is <= 8 KiB)
 FOLLOW_BACKLOG = 5000     # records queued for one follower before it is cut short
 
 _HEAD = re.compile(r"^\[([^\]/]+)(?:/([^\]]+))?\] ?")
@@ -79,17 +80,23 @@ class Filter:
 class LogRing:
     """Bounded rings per driver and the live followers."""
 
-    def __init__(self, size: int = RING_SIZE) -> None:
+    def __init__(self, size: int = RING_SIZE, max_bytes: int = RING_BYTES) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self.rings: dict[str, deque[Entry]] = {}
+        self.bytes: dict[str, int] = {}
         self.followers: set[_Follower] = set()
 
     def add(self, level: int, driver: str, device: str | None, text: str, when: float | None = None) -> None:
         e = Entry(time.time() if when is None else when, level, driver, device, text)
         ring = self.rings.get(driver)
         if ring is None:
-            ring = self.rings[driver] = deque(maxlen=self.size)
+            ring = self.rings[driver] = deque()
         ring.append(e)
+        used = self.bytes.get(driver, 0) + len(text)
+        while len(ring) > self.size or (used > self.max_bytes and len(ring) > 1):
+            used -= len(ring.popleft().text)
+        self.bytes[driver] = used
         for f in self.followers:
             if f.match(e):
                 if f.queue.qsize() >= FOLLOW_BACKLOG:
@@ -106,6 +113,7 @@ class LogRing:
         for did in list(self.rings):
             if did not in keep:
                 del self.rings[did]
+                self.bytes.pop(did, None)
 
     def recent(self, match: Filter, limit: int = RING_SIZE) -> list[Entry]:
         out = [e for ring in self.rings.values() for e in ring if match(e)]
