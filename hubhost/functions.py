@@ -31,6 +31,7 @@ import orjson
 from hubhost.sandbox.runtime import DriverRuntime
 from hubhost.sandbox.sandbox import LuaError, to_lua
 from hubhost.status.subscriptions import Subscriber, Subscriptions
+from hubhost.loops import soon
 
 __all__ = ["ExecError", "FunctionHost", "Interface", "LEVELS", "SystemRef", "bind_args", "check_call",
            "check_device"]
@@ -337,7 +338,7 @@ class FunctionHost:
         self._current[slot.id] = rt
         if old is not None and old is not rt:
             # an abandoned (stuck) runtime gets no crash hook: clean up after it here
-            self.sup.loop.call_soon_threadsafe(self._forget, old, "restarted")
+            soon(self.sup.loop, self._forget, old, "restarted")
         rt.sandbox.expose(
             fn_done=partial(self._fn_done, rt),
             fn_subscribe=partial(self._fn_subscribe, slot, rt),
@@ -359,7 +360,7 @@ class FunctionHost:
             iface = Interface('{"functions":{},"implements":[],"requirements":{},"security":{}}')
         self._lua[rt] = _LuaSide(api, api.invoke, api.deliver, driver)
         self.interfaces[slot.id] = iface
-        self.sup.loop.call_soon_threadsafe(self._publish_interface, slot, iface)
+        soon(self.sup.loop, self._publish_interface, slot, iface)
 
     def _publish_interface(self, slot: Any, iface: Interface) -> None:
         mirror = getattr(self.sup, "mirror", None)
@@ -459,7 +460,7 @@ class FunctionHost:
             ok, payload = api.sync_ok, api.sync_payload
             api.sync_id = api.sync_ok = api.sync_payload = None
         if ok is not None:
-            self.sup.loop.call_soon_threadsafe(self._finish, cid, bool(ok), payload)
+            soon(self.sup.loop, self._finish, cid, bool(ok), payload)
 
     def _cancel(self, rt: DriverRuntime, cid: int, limit: float) -> None:
         """Driver thread: drop a timed-out call's handler (lua/driver_functions.lua M.cancel)."""
@@ -473,7 +474,7 @@ class FunctionHost:
 
     def _fn_done(self, rt: DriverRuntime, cid: int, ok: bool, payload: bytes) -> None:
         """host.fn_done from lua/driver_functions.lua (driver thread): a call that waited."""
-        self.sup.loop.call_soon_threadsafe(self._finish, cid, bool(ok), payload)
+        soon(self.sup.loop, self._finish, cid, bool(ok), payload)
 
     def _finish(self, cid: int, ok: bool, payload: bytes) -> None:
         p = self._pending.get(cid)
@@ -483,7 +484,7 @@ class FunctionHost:
     # -- calls from Lua ------------------------------------------------------------------
     def _wait_call(self, slot: Any, rt: DriverRuntime, token: int, arg: Any) -> None:
         """host wait "call" (driver thread, inside Lua): answer later, from the loop."""
-        self.sup.loop.call_soon_threadsafe(self._spawn_lua_call, slot, rt, token, arg)
+        soon(self.sup.loop, self._spawn_lua_call, slot, rt, token, arg)
 
     def _spawn_lua_call(self, slot: Any, rt: DriverRuntime, token: int, arg: Any) -> None:
         self.sup.spawn(self._lua_call(slot, rt, token, arg))
@@ -506,7 +507,7 @@ class FunctionHost:
         """host.fn_subscribe (driver thread): the reference now, the subscription on the loop."""
         ref = self.subs.new_ref()
         place = (system.decode(), module.decode(), int(index), status.decode())
-        self.sup.loop.call_soon_threadsafe(self._lua_subscribe, slot, rt, ref, place)
+        soon(self.sup.loop, self._lua_subscribe, slot, rt, ref, place)
         return ref
 
     def _lua_subscribe(self, slot: Any, rt: DriverRuntime, ref: int, place: tuple) -> None:
@@ -532,7 +533,7 @@ class FunctionHost:
             sub = self._lua_subs.get(rt)
             if sub is not None:
                 sub.unsubscribe(ref)
-        self.sup.loop.call_soon_threadsafe(drop)
+        soon(self.sup.loop, drop)
 
     def lua_subscription_count(self) -> int:
         return sum(len(s) for s in self._lua_subs.values())

@@ -33,6 +33,7 @@ from hubhost.devices.framing import FramingError, TokenizerError, make_framer
 from hubhost.devices.requests import RequestQueue, Result
 from hubhost.sandbox.runtime import DeviceInfo, DriverRuntime
 from hubhost.devices.transports import SendBufferFull, Transport, TransportError, make_transport
+from hubhost.loops import soon
 
 if TYPE_CHECKING:
     from hubhost.worker.actor import Actor
@@ -454,14 +455,14 @@ class DriverLinks:
         finally:
             out, self._outbox = self._outbox, None
             if out:
-                self.loop.call_soon_threadsafe(_run_all, out)
+                soon(self.loop, _run_all, out)
 
     def to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         """Driver thread: run fn on the loop, in order with everything else sent there."""
         if self._outbox is not None:
             self._outbox.append((fn, args))
         else:
-            self.loop.call_soon_threadsafe(fn, *args)
+            soon(self.loop, fn, *args)
 
     def rt_call(self, label: str, fn: Any, *args: Any) -> Any:
         # the runtime's guard: a Lua error escaping the glue counts as a failed handler
@@ -489,7 +490,7 @@ class DriverLinks:
             return False
         old = self.links.pop(dev_id, None)
         if old is not None:   # started again (config reload): the new settings win
-            self.loop.call_soon_threadsafe(self._close_link, old)
+            soon(self.loop, self._close_link, old)
         try:
             spec, pattern = framing_spec(self.rt.framing())
             link = DeviceLink(self, info, kind, spec, pattern)
@@ -497,13 +498,13 @@ class DriverLinks:
             log.error("%s cannot set up its %s transport: %s", prefix, kind, e)
             return False
         self.links[dev_id] = link
-        self.loop.call_soon_threadsafe(self._open_link, link)
+        soon(self.loop, self._open_link, link)
         return True
 
     def close_device(self, device_id: bytes) -> None:
         link = self.links.pop(device_id.decode(), None)
         if link is not None:
-            self.loop.call_soon_threadsafe(self._close_link, link)
+            soon(self.loop, self._close_link, link)
 
     def send(self, device_id: bytes, data: bytes) -> tuple[bool | None, bytes | None]:
         link = self.links.get(device_id.decode())
@@ -591,7 +592,7 @@ class TransportGlue:
         self.drivers[slot.id] = dl
         if previous is not None:
             # normally retired by the crash/stop hook already; a stuck runtime is not
-            self.sup.loop.call_soon_threadsafe(previous.retire)
+            soon(self.sup.loop, previous.retire)
 
     def _wait_request(self, slot: "DriverSlot", rt: DriverRuntime, token: int, arg: Any) -> None:
         dl = self.drivers.get(slot.id)

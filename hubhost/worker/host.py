@@ -28,6 +28,7 @@ from hubhost.worker.actor import Actor
 from hubhost.config import DriverConfig
 from hubhost.sandbox.runtime import DeviceInfo, DriverLoadError, DriverRuntime
 from hubhost.status.store import StatusStore
+from hubhost.loops import soon
 
 log = logging.getLogger("hubhost.worker")
 
@@ -66,13 +67,13 @@ class DriverSlot:
 
     # -- Port: called on the driver's thread ---------------------------------------------
     def timer_start(self, rt: DriverRuntime, timer_id: int, seconds: float, periodic: bool) -> None:
-        self.loop.call_soon_threadsafe(self._timer_start, rt, timer_id, seconds, periodic)
+        soon(self.loop, self._timer_start, rt, timer_id, seconds, periodic)
 
     def timer_cancel(self, rt: DriverRuntime, timer_id: int) -> None:
-        self.loop.call_soon_threadsafe(self._timer_cancel, rt, timer_id)
+        soon(self.loop, self._timer_cancel, rt, timer_id)
 
     def wait_timer(self, rt: DriverRuntime, token: int, seconds: float) -> None:
-        self.loop.call_soon_threadsafe(self._wait_start, rt, token, seconds)
+        soon(self.loop, self._wait_start, rt, token, seconds)
 
     def wait_host(self, rt: DriverRuntime, token: int, what: str, arg: Any) -> None:
         handler = self.sup.wait_handlers.get(what)
@@ -82,7 +83,7 @@ class DriverSlot:
         handler(self, rt, token, arg)
 
     def handler_failed(self, rt: DriverRuntime, label: str, kind: str, message: str) -> None:
-        self.loop.call_soon_threadsafe(self._handler_failed, rt, label, kind, message)
+        soon(self.loop, self._handler_failed, rt, label, kind, message)
 
     # -- loop side -----------------------------------------------------------------------
     def _current(self, rt: DriverRuntime) -> bool:
