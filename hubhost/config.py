@@ -44,6 +44,7 @@ class DriverConfig:
     max_memory: int = 64 * 1024 * 1024
     cpu_limit: float = 1.0
     group: str | None = None      # drivers of one group share a worker process (shared fate)
+    log_level: str | None = None  # this driver's own level (else the hub's); live on reload
     # per-driver caps (README "Limits"; DriverRuntime kwargs of the same names)
     max_timers: int = DEFAULT_LIMITS["max_timers"]
     max_pending_requests: int = DEFAULT_LIMITS["max_pending_requests"]
@@ -209,6 +210,25 @@ def _check_transport(c: _Checker, key: str, kind: str, settings: dict[str, Any])
         c.fail(f"{key}.{name}", str(e))
 
 
+_BUILDER = re.compile(rb"driver_helper\s*\.\s*init_(serial|tcp|udp)\b")
+
+
+def driver_transport(folder: Path) -> tuple[str, str] | None:
+    """The transport a driver is built for, read from its init.lua without running it:
+    (kind, "init.lua:LINE") for driver_helper.init_serial/_tcp/_udp, None otherwise."""
+    try:
+        src = (folder / "init.lua").read_bytes()
+    except OSError:
+        return None
+    for m in _BUILDER.finditer(src):
+        line_start = src.rfind(b"\n", 0, m.start()) + 1
+        if b"--" in src[line_start:m.start()]:
+            continue        # in a comment
+        line = src.count(b"\n", 0, m.start()) + 1
+        return m.group(1).decode(), f"init.lua:{line}"
+    return None
+
+
 def load(path: str | Path) -> HubConfig:
     """Read and check a hub config file."""
     path = Path(path)
@@ -264,7 +284,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
         if not isinstance(d, dict):
             c.fail(k, "must be a table")
         c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group",
-                      *DEFAULT_LIMITS}, k)
+                      "log_level", *DEFAULT_LIMITS}, k)
         did = c.ident(d, "id", f"{k}.id")
         if did in seen_drivers:
             c.fail(f"{k}.id", f"duplicate driver id {did!r}")
@@ -292,6 +312,12 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
             max_status_fields=c.count(d, "max_status_fields", f"{k}.max_status_fields",
                                       DEFAULT_LIMITS["max_status_fields"]),
         )
+        if "log_level" in d:
+            lvl = c.typed(d, "log_level", f"{k}.log_level", (str,), "a string")
+            if lvl.lower() not in LOG_LEVELS:
+                c.fail(f"{k}.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {lvl!r}")
+            dc.log_level = lvl.lower()
+        needs = driver_transport(dpath)
         devs = c.typed(d, "devices", f"{k}.devices", (list,), "an array of tables ([[drivers.devices]])", [])
         for j, dev in enumerate(devs):
             dk = f"{k}.devices[{j}]"
@@ -321,6 +347,10 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
                 c.fail(f"{dk}.{next(iter(settings))}", "unknown key (transport settings need `transport = ...`)")
             if transport is not None:
                 _check_transport(c, dk, transport, settings)
+            elif needs is not None and "simulator" not in conf:   # the demo's are wired at start
+                c.fail(f"{dk}.transport", f"driver {did!r} is built with driver_helper.init_{needs[0]} "
+                       f"({needs[1]}), so its devices need a transport: add transport = \"{needs[0]}\" "
+                       "and its settings")
             dc.devices.append(DeviceInfo(id=dev_id, label=label, config=conf, system=system,
                                          module=module, index=index, transport=transport,
                                          transport_settings=settings))

@@ -421,6 +421,12 @@ class FunctionHost:
         actor.post(self._start, rt, cid, device_id, fn.name, bound)   # last: the loop idles sooner
         try:
             ok, payload = await fut
+        except ExecError as e:
+            if e.code == "timeout":
+                # the caller got `timeout`: the handler is cancelled in the driver (never
+                # resumed again; the driver logs a warning naming the call)
+                actor.post(self._cancel, rt, cid, limit)
+            raise
         finally:
             timer.cancel()
             self._pending.pop(cid, None)
@@ -455,6 +461,16 @@ class FunctionHost:
             api.sync_id = api.sync_ok = api.sync_payload = None
         if ok is not None:
             soon(self.sup.loop, self._finish, cid, bool(ok), payload)
+
+    def _cancel(self, rt: DriverRuntime, cid: int, limit: float) -> None:
+        """Driver thread: drop a timed-out call's handler (lua/driver_functions.lua M.cancel)."""
+        side = self._lua.get(rt)
+        if side is None:
+            return
+        try:
+            side.api.cancel(cid, limit)
+        except LuaError as e:
+            log.error("[%s] could not cancel a timed-out call: %s", rt.driver_id, e)
 
     def _fn_done(self, rt: DriverRuntime, cid: int, ok: bool, payload: bytes) -> None:
         """host.fn_done from lua/driver_functions.lua (driver thread): a call that waited."""
@@ -536,7 +552,8 @@ class _AfterLoad:
 
 def _expire(fut: asyncio.Future, what: str, limit: float) -> None:
     if not fut.done():
-        fut.set_exception(ExecError("timeout", f"{what} did not finish within {limit:g} s"))
+        fut.set_exception(ExecError("timeout", f"{what} did not finish within {limit:g} s; "
+                                    "its handler was cancelled in the driver (not resumed again)"))
 
 
 def _resume_lua(rt: DriverRuntime, token: int, ok: bool, value: Any) -> None:

@@ -161,6 +161,35 @@ def install_demo(sup: Supervisor) -> None:
 
     sup.pre_start_hooks.append(start)
     sup.shutdown_hooks.append(stop)
+    sup.ready_hooks.append(lambda s: print(demo_next_steps(s), flush=True))
+
+
+def demo_next_steps(sup: Supervisor) -> str:
+    """The paragraph `hubhost run --demo` prints once its drivers run: what to try from
+    another terminal against this very hub."""
+    api = getattr(sup, "api", None)
+    sock = getattr(api, "socket_path", None) or getattr(getattr(api, "settings", None), "socket", None)
+    where = f"--socket {sock}" if sock else f"--state-dir {sup.state_dir}"
+    dev = next((d for drv in sup.config.drivers for d in drv.devices if d.system and d.module), None)
+    lines = [
+        "",
+        "The demo hub is running. Next steps, from another terminal:",
+        f"  hubhost ls {where}                      # its devices and drivers",
+        f"  hubhost status {where}                  # drivers running, failed, restarting",
+    ]
+    if dev is not None:
+        lines.append(f"  hubhost watch {dev.system} {dev.module} {dev.index or 1} temperature {where}"
+                     if "thermo" in str(dev.id) or dev.module == "Thermostat" else
+                     f"  hubhost watch {dev.system} {dev.module} {dev.index or 1} power {where}")
+    proj = next((d for drv in sup.config.drivers for d in drv.devices
+                 if d.config.get("simulator") == "projector"), None)
+    if proj is not None:
+        lines.append(f"  hubhost exec {proj.id} power state=false {where}   # call a driver function")
+        lines.append(f"  hubhost describe {proj.id} {where}        # functions, status, recent errors")
+        lines.append(f"  hubhost logs {proj.id} -f {where}         # follow one device's log")
+    lines += ["Ctrl-C here stops the hub (datastores are saved). Write your own driver: hubhost new NAME;",
+              "docs/driver-guide.md and docs/api.md explain the rest.", ""]
+    return "\n".join(lines)
 
 
 async def run(config: HubConfig, state_dir: Path, *, demo: bool = False) -> int:

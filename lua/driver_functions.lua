@@ -111,6 +111,10 @@ local function param_entry(fname, pname, spec, level)
   local alts, err = parse_type(spec[1])
   if not alts then bad(where .. ": " .. err, level) end
   local e = { name = pname, type = spec[1], alts = alts }
+  if spec.description ~= nil then
+    if type(spec.description) ~= "string" then bad(where .. ".description must be a string", level) end
+    e.description = spec.description
+  end
   if spec[2] ~= nil then
     if not matches(spec[2], alts) then
       bad(str_format("%s: default %s is not %s", where, tostring(spec[2]), spec[1]), level)
@@ -140,7 +144,7 @@ local function param_list(fname, params, level)
       if type(p) ~= "table" then
         bad(str_format("template.functions.%s.params[%d] must be { \"name\", \"Type\", default? }", fname, i), level)
       end
-      local e = param_entry(fname, p[1], { p[2], p[3], optional = p.optional }, level)
+      local e = param_entry(fname, p[1], { p[2], p[3], optional = p.optional, description = p.description }, level)
       if seen[e.name] then bad(str_format("template.functions.%s.params: %s appears twice", fname, e.name), level) end
       seen[e.name] = true
       list[i] = e
@@ -198,8 +202,11 @@ local function describe(t, level)
       bad(str_format("template.functions.%s.timeout must be a positive number of seconds, got %s",
         name, tostring(f.timeout)), level)
     end
+    if f.description ~= nil and type(f.description) ~= "string" then
+      bad(str_format("template.functions.%s.description must be a string, got %s", name, type(f.description)), level)
+    end
     out.functions[name] = { params = param_list(name, f.params, level), timeout = f.timeout,
-                            handler = f.handler }
+                            handler = f.handler, description = f.description }
   end
   if t.security ~= nil then
     if type(t.security) ~= "table" then
@@ -280,6 +287,26 @@ end
 -- from driver tables (implements, requirements, defaults) that may carry metamethods.
 local prepared = setmetatable({}, { __mode = "k" })
 
+-- { fn = { description = "...", params = { p = "..." } } } for the functions and params that
+-- have descriptions, or nil when none has one (the interface stays as DESIGN section 5 shows).
+local function descriptions(d)
+  local out, any = {}, false
+  for _, name in ipairs(d.names) do
+    local f = d.functions[name]
+    local entry, params = {}, nil
+    if f.description then entry.description, any = f.description, true end
+    for _, p in ipairs(f.params) do
+      if p.description then
+        params = params or {}
+        params[p.name], any = p.description, true
+      end
+    end
+    if params then entry.params = params end
+    if next(entry) ~= nil then out[name] = entry end
+  end
+  return any and out or nil
+end
+
 local function metadata_json(driver)
   local d = description(driver)
   local parts = {}
@@ -310,7 +337,9 @@ local function metadata_json(driver)
   local impl = d.implements
   local impl_text = "[]"
   if impl and #impl > 0 then impl_text = encode(impl) end
-  local interface = '{"functions":{' .. tconcat(parts, ",") .. '},"implements":' .. impl_text ..
+  local descs = descriptions(d)
+  local desc_text = descs and ('"descriptions":' .. encode(descs) .. ",") or ""
+  local interface = '{' .. desc_text .. '"functions":{' .. tconcat(parts, ",") .. '},"implements":' .. impl_text ..
     ',"requirements":' .. req_text .. ',"security":{' .. tconcat(sec_parts, ",") .. '}}'
   local timeouts = {}
   for _, name in ipairs(d.names) do
@@ -357,6 +386,7 @@ function build_metadata(driver)
   base.implements = d.implements
   base.requirements = d.requirements
   base.security = security_lists(d)
+  base.descriptions = descriptions(d)
   return base
 end
 
@@ -393,11 +423,41 @@ end
 -- one crossing into Python fewer for handlers that finish without waiting.
 M.sync_id, M.sync_ok, M.sync_payload = nil, nil, nil
 
+local active = {}     -- call id -> { co =, label = } of a call whose handler has not finished
+
+-- "file:line" of the first frame of the driver's own code in a traceback, or nil.
+local function driver_location(tb)
+  for file, line in tb:gmatch("\n%s*([^\n]-):(%d+): in ") do
+    if file ~= "[C]" and file:sub(1, 8) ~= "hubhost/" and file:sub(1, 1) ~= "(" then
+      return file .. ":" .. line
+    end
+  end
+  return nil
+end
+
+-- The driver_error text always names the driver's file:line: error("x", 0) and error
+-- objects carry none of their own.
+local function located(msg, tb)
+  if str_find(msg, "^[^\n]-:%d+: ") or msg == "not enough memory" then return msg end
+  local where = driver_location(tb or "")
+  return where and (where .. ": " .. msg) or msg
+end
+
+-- error({ message = "..." }) is common Lua style: its message, read raw (no metamethods)
+local function message_of(m)
+  if type(m) == "table" then
+    local v = rawget(m, "message")
+    if type(v) == "string" then return v end
+  end
+  return error_text(m)
+end
+
 function M.invoke(driver, device_id, name, args, call_id)
   local reported = false
   local function report(ok, payload)
     if reported then return end
     reported = true
+    active[call_id] = nil
     if M.sync_id == call_id then
       M.sync_ok, M.sync_payload = ok, payload
     else
@@ -415,8 +475,10 @@ function M.invoke(driver, device_id, name, args, call_id)
   -- Not for an out-of-memory error: the handler's memory is still live in the message
   -- handler, and a crossing into Python that cannot allocate breaks lupa (a stale GIL);
   -- that one is reported after the unwinding and a full collection.
-  local ok, res = xpcall(spec.handler, function(m)
-    local msg = error_text(m)
+  local co = coroutine.running()
+  if co then active[call_id] = { co = co, label = name .. " [" .. tostring(device_id) .. "]" } end
+  local ok, res, err = xpcall(spec.handler, function(m)
+    local msg = located(message_of(m), debug.traceback("", 2))
     if msg ~= "not enough memory" then report(false, msg) end
     return msg
   end, driver, device, args)
@@ -427,9 +489,27 @@ function M.invoke(driver, device_id, name, args, call_id)
     caps.log("warn", device_id, "function " .. name .. " failed: " .. res)
     return report(false, res)
   end
+  if res == nil and err ~= nil then
+    -- `return nil, err`: the Lua convention for a failure; the caller gets driver_error
+    return report(false, message_of(err))
+  end
   local text, problem = try_encode(res, "Results of function " .. name, "result")
   if text == nil then return report(false, problem) end
   return report(true, text)
+end
+
+--- The caller gave up on a call (its time-out): its handler is never resumed again, and the
+-- driver is told with a log.warn. Returns true if the handler was still waiting.
+function M.cancel(call_id, seconds)
+  local a = active[call_id]
+  if a == nil then return false end
+  active[call_id] = nil
+  local dropped = caps.sandbox.drop(a.co)
+  local device_id = a.label:match("%[(.*)%]$")
+  caps.log("warn", device_id, str_format("function %s timed out after %s s: cancelled; its handler "
+    .. "will not be resumed (whatever it started, e.g. a request already sent, still happens)",
+    a.label:match("^(%S+)") or a.label, tostring(seconds)))
+  return dropped
 end
 
 ---------------------------------------------------------------------------------------------

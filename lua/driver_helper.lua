@@ -8,6 +8,7 @@ local log = require "log"
 local json = require "hubhost.json"
 require "driver_functions"   -- functions, metadata, driver:system(): plugs into caps
 require "datastore"          -- driver.datastore, device.persistent_store: plugs into caps
+local template_check = require "hubhost.template"   -- unknown keys; errors at the driver's line
 
 local type, pairs, ipairs, tostring, error, setmetatable, select =
   type, pairs, ipairs, tostring, error, setmetatable, select
@@ -234,7 +235,7 @@ local function validate(t, level)
 end
 
 local function build(template, transport, level)
-  validate(template, (level or 1) + 1)
+  template_check.run(validate, template, 1)   -- raises "<driver file>:<line>: ..."
   local d = setmetatable({}, Driver)
   for k, v in each_pair(template) do d[k] = v end
   d.name = template.name

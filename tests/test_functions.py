@@ -88,7 +88,7 @@ def test_metadata_is_the_interface_document_of_the_seed(tmp_path: Path) -> None:
     ('reset = { timeout = -1, handler = f }',
      "template.functions.reset.timeout must be a positive number of seconds, got -1"),
     ('reset = { handler = f, sekurity = "support" }',
-     "template.functions.reset.sekurity is not a function field"),
+     "unknown key 'sekurity' in function reset (did you mean 'security'?)"),
     ('reset = { handler = 5 }',
      "template.functions.reset must be a table with a handler function"),
 ])

@@ -16,8 +16,15 @@ REST (JSON; errors are {"error": {"code", "message"}}):
   GET  /api/v1/systems[/{system}]           the system index
   POST /api/v1/exec                         {"device"|"system","module","index", "function", "args", "timeout"}
   POST /api/v1/devices/{id}/functions/{fn}  body: args (object or array)
-  POST /api/v1/reload                       re-read the config (administrator)
+  GET  /api/v1/devices/{id}/describe        driver, state, connection, functions (with
+                                            descriptions), status and recent errors
+  POST /api/v1/reload                       re-read the config and restart what changed
+                                            (administrator); body {"drivers": [ids]} limits it
+  GET  /api/v1/logs                         recent records: ?name=DRIVER|DEVICE&level=L&since=T
+                                            &limit=N; &follow=1 streams NDJSON as they arrive
+  PUT  /api/v1/drivers/{id}/log_level       {"level": "debug"} or {"level": null} (administrator)
   GET  /api/v1/ws                           WebSocket, see WsSession
+(docs/api.md has an example of each.)
 
 Exec errors map to HTTP statuses: unknown_device/unknown_function 404, forbidden 403,
 bad_args 400, driver_error 502, timeout 504 (the hub is a gateway to its drivers).
@@ -224,6 +231,9 @@ class ApiServer:
         r.add_post("/api/v1/exec", self.exec)
         r.add_post("/api/v1/devices/{id}/functions/{fn}", self.exec_device)
         r.add_post("/api/v1/reload", self.reload)
+        r.add_get("/api/v1/devices/{id}/describe", self.describe)
+        r.add_get("/api/v1/logs", self.logs)
+        r.add_put("/api/v1/drivers/{id}/log_level", self.set_log_level)
         r.add_get("/api/v1/ws", self.websocket)
         return app
 
@@ -337,7 +347,8 @@ class ApiServer:
         body = {
             "hub": self.sup.config.hub_id,
             "counts": self.sup.counts(),
-            "drivers": {s.id: {"state": s.state, "restarts": s.restarts, "last_error": s.last_error}
+            "drivers": {s.id: {"state": s.state, "restarts": s.restarts, "last_error": s.last_error,
+                               "condition": condition(s)}
                         for s in self.sup.slots.values()},
             "mirror": mirror.state() if mirror is not None else None,
             "subscriptions": self.subs.count(),
@@ -397,11 +408,109 @@ class ApiServer:
     async def reload(self, request: web.Request) -> web.Response:
         if LEVELS[request[LEVEL]] < LEVELS["administrator"]:
             raise ExecError("forbidden", "reloading the config needs the administrator level")
+        body = await self._body(request, default={})
+        only = body.get("drivers") if isinstance(body, dict) else None
+        if only is not None and (not isinstance(only, list) or not all(isinstance(x, str) for x in only)):
+            raise _BadRequest("'drivers' must be a list of driver ids")
         try:
-            report = await reload_config(self.sup)
+            report = await reload_config(self.sup, only=set(only) if only else None)
         except ConfigReloadError as e:
             return _json_response(_error_body("bad_config", str(e)), 400)
-        return _json_response(orjson.dumps({"reloaded": report}))
+        reasons = report.pop("reasons", {})
+        return _json_response(orjson.dumps({"reloaded": report, "reasons": reasons}))
+
+    def _logs_filter(self, request: web.Request) -> Any:
+        from hubhost.logs import level_of
+        from hubhost.supervisor.logring import Filter
+
+        q = request.query
+        name = q.get("name")
+        drivers, device = None, None
+        if name:
+            if name in self.sup.slots:
+                drivers = frozenset([name])
+            else:
+                slot = self.functions.device_slot(name)
+                if slot is None:
+                    raise ExecError("unknown_device", f"no driver or device {name!r} on this hub (drivers: "
+                                    f"{', '.join(self.sup.slots) or 'none'})")
+                drivers, device = frozenset([slot.id]), name
+        try:
+            since = float(q.get("since", 0) or 0)
+        except ValueError:
+            raise _BadRequest("since must be UTC seconds since the epoch") from None
+        return Filter(drivers, device, level_of(q["level"]) if q.get("level") else 0, since)
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        match = self._logs_filter(request)
+        try:
+            limit = int(request.query.get("limit", 200))
+        except ValueError:
+            raise _BadRequest("limit must be an integer") from None
+        ring = self.sup.logs
+        recent = ring.recent(match, limit)
+        if request.query.get("follow") not in ("1", "true", "yes"):
+            return _json_response(orjson.dumps([e.to_json() for e in recent]))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        f = ring.follow(match)
+        try:
+            for e in recent:
+                await resp.write(orjson.dumps(e.to_json()) + b"\n")
+            while True:
+                try:
+                    item = await asyncio.wait_for(f.queue.get(), 15.0)
+                except asyncio.TimeoutError:
+                    await resp.write(b"{}\n")      # keep-alive: tells a gone client apart
+                    continue
+                if isinstance(item, int):
+                    await resp.write(orjson.dumps({"missed": item}) + b"\n")
+                else:
+                    await resp.write(orjson.dumps(item.to_json()) + b"\n")
+        except ConnectionError:
+            pass              # the follower went away (Ctrl-C on `hubhost logs -f`)
+        finally:
+            ring.unfollow(f)
+        return resp
+
+    async def set_log_level(self, request: web.Request) -> web.Response:
+        from hubhost.config import LOG_LEVELS
+        from hubhost.supervisor.logring import level_name
+
+        if LEVELS[request[LEVEL]] < LEVELS["administrator"]:
+            raise ExecError("forbidden", "changing a driver's log level needs the administrator level")
+        did = request.match_info["id"]
+        if did not in self.sup.slots:
+            raise ExecError("unknown_device", f"no driver {did!r} on this hub")
+        body = await self._body(request, default={})
+        level = body.get("level") if isinstance(body, dict) else None
+        if level is not None and (not isinstance(level, str) or level.lower() not in LOG_LEVELS):
+            raise _BadRequest(f"level must be one of {', '.join(LOG_LEVELS)} or null, got {level!r}")
+        got = self.sup.set_driver_level(did, level.lower() if level else None)
+        log.info("[%s] log level set to %s through the API", did, level_name(got) if got is not None
+                 else "the hub's")
+        return _json_response(orjson.dumps({"driver": did, "level": level_name(got) if got is not None else None}))
+
+    async def describe(self, request: web.Request) -> web.Response:
+        from hubhost.supervisor.logring import Filter
+
+        slot, dev = self._find(request.match_info["id"])
+        iface = self.functions.interface_of(dev.id)
+        doc = iface.doc if iface is not None else None
+        errors = self.sup.logs.recent(Filter(frozenset([slot.id]), None, logging.WARNING), 10)
+        errors = [e for e in errors if e.device in (None, dev.id)]
+        body = {
+            "device": self._device_entry(slot, dev),
+            "driver": {"id": slot.id, "name": slot.name, "path": str(slot.cfg.path), "state": slot.state,
+                       "condition": condition(slot), "restarts": slot.restarts,
+                       "last_error": slot.last_error},
+            "transport": {"kind": dev.transport, **{k: v for k, v in dev.transport_settings.items()}}
+                         if dev.transport else None,
+            "status": orjson.loads(self._status_text(dev.id)),
+            "interface": doc,
+            "recent_errors": [e.to_json() for e in errors],
+        }
+        return _json_response(orjson.dumps(body, default=str))
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30.0)
@@ -579,8 +688,17 @@ class ConfigReloadError(Exception):
 _reload_locks: "weakref.WeakKeyDictionary[Any, asyncio.Lock]" = weakref.WeakKeyDictionary()
 
 
-async def reload_config(sup: Any) -> dict[str, list[str]]:
-    """Re-read the hub's config file and apply it (SIGHUP, `hubhost reload`, POST /reload)."""
+def condition(slot: Any) -> str:
+    """The state `hubhost status` shows and counts (the same word in rows and summary):
+    a driver that restarts because it never got going is "failed"."""
+    if slot.state == "restarting" and slot.failed_boot:
+        return "failed"
+    return slot.state
+
+
+async def reload_config(sup: Any, only: set[str] | None = None) -> dict[str, Any]:
+    """Re-read the hub's config file and apply it (SIGHUP, `hubhost reload`, POST /reload):
+    drivers whose config or Lua files changed, or that failed, restart (see apply_config)."""
     from hubhost import config as config_mod
     from hubhost.hub import device_systems
 
@@ -598,7 +716,13 @@ async def reload_config(sup: Any) -> dict[str, list[str]]:
                 log.warning("config reload: %s changed; that takes effect at the next start", key)
                 setattr(new, key, getattr(sup.config, key))
         old_systems = set(device_systems(sup.config))
-        report = await sup.apply_config(new)
+        try:
+            report = await sup.apply_config(new, only=only)
+        except KeyError as e:
+            raise ConfigReloadError(str(e.args[0])) from None
+        logs = getattr(sup, "logs", None)
+        if logs is not None:
+            logs.forget(sup.slots)
         systems = device_systems(new)
         functions: FunctionHost | None = getattr(sup, "functions", None)
         if functions is not None:
@@ -614,7 +738,8 @@ async def reload_config(sup: Any) -> dict[str, list[str]]:
             for system_id in old_systems - set(systems):
                 mirror.remove_system(system_id)
         log.info("config reloaded from %s: %s", sup.config.source,
-                 "; ".join(f"{k} {', '.join(v)}" for k, v in report.items() if v and k != "kept") or "no driver changes")
+                 "; ".join(f"{k} {', '.join(v)}" for k, v in report.items()
+                           if v and k not in ("kept", "reasons")) or "no driver changes")
         return report
 
 

@@ -40,7 +40,16 @@ def check_driver(driver_dir: Path) -> tuple[bool, str]:
             rt.load()
             metadata = {"name": rt.driver_name(), **(rt.metadata() or {})}
         except (DriverLoadError, LuaError) as e:
-            problems.append(str(e))
+            problems.append(_without_template_traceback(str(e)))
     if problems:
         return False, "\n".join(problems)
     return True, orjson.dumps(metadata, option=orjson.OPT_INDENT_2).decode()
+
+
+def _without_template_traceback(text: str) -> str:
+    """A template error already names the driver's file:line (lua/hubhost/template.lua);
+    the traceback under it holds only the library's frames."""
+    head, sep, tb = text.partition("\nstack traceback:\n")
+    if sep and tb.lstrip().startswith("hubhost/lua/hubhost/template.lua:"):
+        return head
+    return text

@@ -147,12 +147,13 @@ def run_doctor(config_path: Path, state_dir: str | None, out: Callable[[str], No
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    cfg = Path(args.config) if args.config else paths.config_dir() / "hub.toml"
+    given = args.config or os.environ.get("HUBHOST_CONFIG")
+    cfg = Path(given) if given else paths.config_dir() / "hub.toml"
     return run_doctor(cfg, args.state_dir)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="check config, drivers, state dir, serial ports, Redis, unit")
-    p.add_argument("--config", help="hub config (default: <config dir>/hub.toml)")
+    p.add_argument("--config", help="hub config (default: $HUBHOST_CONFIG, else <config dir>/hub.toml)")
     p.add_argument("--state-dir")
     p.set_defaults(func=_cmd)

@@ -27,7 +27,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.demo and args.config:
         print("hubhost run: give either --config or --demo, not both", file=sys.stderr)
         return 2
-    cfg_path = Path(args.config) if args.config else None
+    import os
+
+    given = args.config or (None if args.demo else os.environ.get("HUBHOST_CONFIG"))
+    cfg_path = Path(given) if given else None
     if args.demo:
         cfg_path = paths.drivers_dir() / "demo.toml"
     elif cfg_path is None:
@@ -61,8 +64,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lock.release()
         print(f"hubhost: {problem}", file=sys.stderr)
         return 2
+    if args.dev:
+        from hubhost.supervisor.devmode import run_dev
+        runner = run_dev(cfg, state, demo=args.demo)
+    else:
+        runner = run(cfg, state, demo=args.demo)
     try:
-        return asyncio.run(run(cfg, state, demo=args.demo))
+        return asyncio.run(runner)
     except KeyboardInterrupt:
         return 0
     except OSError as e:   # a socket path, a port or a folder the hub cannot use
@@ -204,7 +212,7 @@ def _cmd_datastore(args: argparse.Namespace) -> int:
 
     from hubhost.state.datastore import read_store_file
 
-    state = paths.state_dir(args.state_dir)
+    state = paths.state_dir(args.state_dir, _config_state_dir(args))
     try:
         data = read_store_file(paths.driver_state_dir(state, args.driver_id))
     except FileNotFoundError as e:
@@ -212,6 +220,17 @@ def _cmd_datastore(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
     return 0
+
+
+def _config_state_dir(args: argparse.Namespace) -> str | None:
+    """The state dir a config (--config, else $HUBHOST_CONFIG) names, if any."""
+    import os
+    from hubhost import config as config_mod
+
+    given = getattr(args, "config", None) or os.environ.get("HUBHOST_CONFIG")
+    if not given:
+        return None
+    return config_mod.load(given).state_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,10 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the hub")
-    r.add_argument("--config", help="hub config (TOML); default: <config dir>/hub.toml")
+    r.add_argument("--config", help="hub config (TOML); default: $HUBHOST_CONFIG, else <config dir>/hub.toml")
     r.add_argument("--demo", action="store_true", help="run the bundled demo hub (no hardware, no Redis)")
     r.add_argument("--state-dir", help="where datastores and state live")
     r.add_argument("--log-level", help="trace, debug, info, warning, error")
+    r.add_argument("--dev", action="store_true",
+                   help="watch the driver folders and the config: run a changed driver's specs, then reload it")
     r.set_defaults(func=_cmd_run)
 
     c = sub.add_parser("check", help="load a driver in the sandbox and print its metadata")
@@ -249,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("datastore", help="print a driver's persisted datastore as JSON (read-only)")
     d.add_argument("driver_id")
-    d.add_argument("--state-dir")
+    d.add_argument("--state-dir", help="the hub's state dir (default: the config's, else the default)")
+    d.add_argument("--config", help="the hub's config, for its state dir (default: $HUBHOST_CONFIG)")
     d.set_defaults(func=_cmd_datastore)
 
     for extra in _extra_commands():
@@ -274,7 +296,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["test"] and argv[1:2] not in (["-h"], ["--help"]):
         return run_tests(argv[1:])   # pytest parses these, options included
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as e:    # a config that does not load (ConfigError) names file and key
+        from hubhost.config import ConfigError
+        if not isinstance(e, ConfigError):
+            raise
+        print(f"hubhost {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _closed_pipe() -> int:
+    """`hubhost doctor | head -3`: the reader left; exit quietly (no traceback, no
+    "Exception ignored" at exit) with the shell's code for SIGPIPE."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ end
 -- Load the entry chunk (src already read by Python) and run it as a handler.
 function R.load_driver(src, chunkname)
   driver_env = sb.new_env()
+  caps.entry_chunk = { src = src, name = chunkname }   -- lua/hubhost/template.lua locates errors
   local fn, err = sb.compile(src, chunkname, driver_env, true)
   if not fn then return false, err end
   local returned = nil

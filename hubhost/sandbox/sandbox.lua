@@ -669,5 +669,17 @@ function M.resume(token, limit, ...)
   return after_resume(co, label, co_resume(co, ...))
 end
 
+-- Drop a parked handler coroutine: it is never resumed again (a timed-out function call,
+-- lua/driver_functions.lua). Returns true if it was parked.
+function M.drop(co)
+  for token, c in each_pair(parked) do
+    if c == co then
+      parked[token] = nil
+      current_label[co] = nil
+      return true
+    end
+  end
+  return false
+end
 
 return M

@@ -58,11 +58,13 @@ class RoutedFunctions(FunctionHost):
         fut = self.sup.loop.create_future()
         cid = next(self._cids)
         self._calls[cid] = (fut, w, what)
-        w.send(["exec", cid, device_id, fn.name, bound, level, limit + 1.0])
+        # the worker times the call (and cancels its handler at the limit, so the caller's
+        # `timeout` and the cancellation agree); this wait is a backstop for a stalled worker
+        w.send(["exec", cid, device_id, fn.name, bound, level, limit])
         try:
-            ok, payload = await asyncio.wait_for(fut, limit)
+            ok, payload = await asyncio.wait_for(fut, limit + 1.0)
         except asyncio.TimeoutError:
-            raise ExecError("timeout", f"{what} did not finish within {limit:g} s") from None
+            raise ExecError("timeout", f"{what} did not finish within {limit:g} s (its worker did not answer)") from None
         finally:
             self._calls.pop(cid, None)
         if ok:

@@ -33,7 +33,7 @@ from hubhost.config import DriverConfig, HubConfig
 from hubhost.state import atomicfile
 from hubhost.state.datastore import StaleWriter, StoreFile
 from hubhost.status.store import StatusStore
-from hubhost.supervisor import workers
+from hubhost.supervisor import codehash, logring, workers
 from hubhost.worker.channel import AsyncChannel, ProtocolError
 
 log = logging.getLogger("hubhost.supervisor")
@@ -97,6 +97,8 @@ class DriverSlot:
         self.state_dir = paths.driver_state_dir(sup.state_dir, cfg.id)
         self._worker_restarts = 0     # restarts counted by worker deaths
         self._inner_restarts = 0      # restarts the worker reported
+        self.code: dict[str, str] = {}   # hashes of the Lua files its worker was started with
+        self.log_level: int | None = _level(cfg.log_level)   # its own level (config or API)
 
     def crash(self, reason: str) -> None:
         """Crash this driver inside its worker (tests and operators): it restarts with backoff."""
@@ -160,6 +162,12 @@ class WorkerHandle:
         for s in self.slots.values():
             s.state = "starting"
             s.worker = self
+        for s in self.slots.values():   # before the fork: a later edit shows as a change
+            s.code = await asyncio.to_thread(codehash.code_hashes, s.cfg.path)
+        if self.stopping or self.sup.stopping:   # stopped (a reload, the hub) meanwhile
+            for s in self.slots.values():
+                s.state = "stopped"
+            return
         try:
             pid, sock = await self.sup.zygote.fork()
         except Exception as e:  # noqa: BLE001 - the zygote failed: retry like a crash
@@ -390,13 +398,26 @@ class WorkerHandle:
         if not name.startswith("hubhost.") or len(name) > 80:
             name = "hubhost.worker"
         text = escape_line(text)
+        driver = device = None
         if text.startswith("["):
             # a driver's line starts with its own [driver] or [driver/device]: only this
             # worker's drivers may be named there
-            head = text[1:text.find("]")] if "]" in text else ""
-            if head.split("/", 1)[0] not in self.slots:
+            driver, device = logring.split_head(text)
+            if driver not in self.slots:
                 text = f"[{self.name}] {text}"
-        logging.getLogger(name).log(level, "%s", text)
+                driver = device = None
+        logger = logging.getLogger(name)
+        slot = self.slots.get(driver) if driver is not None else None
+        if slot is not None and slot.log_level is not None:
+            if level < slot.log_level:
+                return            # a group sibling's level let it through the worker
+        elif not logger.isEnabledFor(level):
+            return
+        if slot is not None:
+            self.sup.logs.add(level, slot.id, device, text)
+        # handle(), not log(): a driver's own level may be below the hub's
+        logger.handle(logger.makeRecord(name, level, "(worker)", 0, "%s", (text,), None,
+                                        extra={"hubhost_driver": driver, "hubhost_device": device}))
 
     def _h_state(self, msg: list[Any], blob: bytes) -> None:
         s = self._slot(msg[1])
@@ -406,6 +427,8 @@ class WorkerHandle:
             s.generation += 1
         elif state == "starting" and restarts != s._inner_restarts:
             s.generation += 1
+        if state == "starting" and restarts != s._inner_restarts:
+            self.sup.spawn(_rehash(s))    # an in-worker restart reads the files again
         s.state = state
         s._inner_restarts = restarts
         s.restarts = s._worker_restarts + restarts
@@ -505,6 +528,7 @@ class Supervisor:
         self.zygote = workers.Zygote()
         self.zygote.on_exit = self._worker_exited
         self.store_files: dict[str, StoreFile] = {}
+        self.logs = logring.LogRing()  # recent records per driver (`hubhost logs`)
         self.unflushed: list[str] = []
         self.unflushed_reasons: dict[str, str] = {}
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -552,6 +576,17 @@ class Supervisor:
                 c["failed" if s.failed_boot else "restarting"] += 1
         return c
 
+    def set_driver_level(self, driver_id: str, level: str | int | None) -> int | None:
+        """A driver's own log level (None: follow the hub's), applied at once: its worker
+        sends what passes, the supervisor writes and keeps it. No restart."""
+        slot = self.slots[driver_id]
+        slot.log_level = _level(level) if isinstance(level, str) else level
+        w = slot.worker
+        if w is not None:
+            w.send(["log_level", worker_log_level(),
+                    {s.id: s.log_level for s in w.slots.values() if s.log_level is not None}])
+        return slot.log_level
+
     async def link_stats(self, driver_id: str, device_id: str) -> dict[str, Any] | None:
         """A device link's buffers, as its worker sees them (diagnostics and tests)."""
         w = self.slots[driver_id].worker
@@ -567,6 +602,7 @@ class Supervisor:
             "status": {dev: self.status.device(dev) for dev in w.devices},
             "state_dir": str(self.state_dir),
             "log_level": worker_log_level(),
+            "driver_levels": {s.id: s.log_level for s in w.slots.values() if s.log_level is not None},
             "api": {k: api.get(k) for k in ("exec_timeout", "driver_level", "driver_levels") if k in api},
         }
 
@@ -760,15 +796,45 @@ class Supervisor:
             for _, after in self.reload_hooks:
                 after(self)
 
-    async def apply_config(self, new: HubConfig) -> dict[str, list[str]]:
-        """Make the running drivers match `new` (config reload). Removed drivers stop, new
-        ones start, drivers whose settings or devices changed restart (with every driver of
-        their worker, when grouped); a driver whose devices changed only in
-        system/module/index keeps running untouched."""
-        report: dict[str, list[str]] = {"started": [], "stopped": [], "restarted": [], "kept": []}
+    async def apply_config(self, new: HubConfig, only: set[str] | None = None) -> dict[str, Any]:
+        """Make the running drivers match `new` (config reload, SIGHUP, `hubhost reload`).
+
+        Restarted: drivers whose settings or devices changed, whose Lua files changed (by
+        content hash, hubhost/supervisor/codehash.py), or that are not running (failed or
+        waiting out their backoff: retried now), with every driver of their worker when
+        grouped. Removed drivers stop, new ones start; a driver whose devices changed only
+        in system/module/index keeps running untouched. With `only`, just those drivers are
+        looked at (and restarted even when unchanged); the others keep their running config.
+        The report lists started/stopped/restarted/kept ids and `reasons` {id: why}."""
+        if only is not None:
+            wanted_new = {d.id: d for d in new.drivers}
+            unknown = sorted(only - set(wanted_new) - set(self.slots))
+            if unknown:
+                raise KeyError(f"no driver {', '.join(map(repr, unknown))} in the config or on this hub")
+            merged = [wanted_new.get(did) if did in only else s.cfg for did, s in self.slots.items()]
+            merged += [d for d in new.drivers if d.id in only and d.id not in self.slots]
+            new.drivers = [d for d in merged if d is not None]
+        reasons: dict[str, str] = {}
         wanted = {d.id: d for d in new.drivers}
-        changed = {did for did, slot in self.slots.items()
-                   if did not in wanted or _needs_restart(slot.cfg, wanted[did])}
+        for did, slot in self.slots.items():
+            if only is not None and did not in only:
+                continue
+            if did not in wanted:
+                reasons[did] = "removed from the config"
+                continue
+            why = _needs_restart(slot.cfg, wanted[did])
+            if why is None and wanted[did].path == slot.cfg.path:
+                files = codehash.changed_files(slot.code,
+                                               await asyncio.to_thread(codehash.code_hashes, slot.cfg.path))
+                if files:
+                    why = codehash.describe_change(files)
+            if slot.state != "running" and (slot.state != "starting" or slot.failed_boot):
+                why = (why + "; " if why else "") + f"was {self._shown_state(slot)}: retrying"
+            if why is None and only is not None and did in only:
+                why = "named in the reload"
+            if why is not None:
+                reasons[did] = why
+        changed = set(reasons)
         new_groups: dict[str, set[str]] = {}
         for d in new.drivers:
             new_groups.setdefault(d.worker_name, set()).add(d.id)
@@ -776,20 +842,32 @@ class Supervisor:
         for name, w in self.workers.items():
             if set(w.slots) & changed or new_groups.get(name) != set(w.slots):
                 leaving.append(w)
+        for w in leaving:
+            for did in w.slots:
+                if did not in reasons and did in wanted:
+                    why = next((reasons[o] for o in w.slots if o in reasons), "its worker changed")
+                    reasons[did] = f"shares worker {w.name} with a restarted driver ({why})"
         deadline = self.loop.time() + SHUTDOWN_HANDLERS_BUDGET
         await asyncio.gather(*(w.stop(deadline) for w in leaving))
         leaving_ids = {did for w in leaving for did in w.slots}
+        report: dict[str, Any] = {"started": [], "stopped": [], "restarted": [], "kept": []}
         slots: dict[str, DriverSlot] = {}
         for d in new.drivers:
             old = self.slots.get(d.id)
             if old is not None and d.id not in leaving_ids:
+                level_changed = d.log_level != old.cfg.log_level
                 old.cfg = d          # same devices: only their index entries may differ
+                if level_changed:
+                    self.set_driver_level(d.id, d.log_level)
                 slots[d.id] = old
                 report["kept"].append(d.id)
             else:
-                slots[d.id] = DriverSlot(self, d)
+                slot = slots[d.id] = DriverSlot(self, d)
+                if old is not None and d.log_level == old.cfg.log_level:
+                    slot.log_level = old.log_level     # a level set through the API stays
                 if old is None:
                     report["started"].append(d.id)
+                    reasons[d.id] = "new in the config"
                 else:
                     report["restarted"].append(d.id)
         report["stopped"] = [did for did in self.slots if did not in wanted]
@@ -801,15 +879,39 @@ class Supervisor:
         if self.functions is not None:
             self.functions.rebuild()
         await asyncio.gather(*(w.start() for w in starting))
+        report["reasons"] = {k: v for k, v in reasons.items() if k not in report["kept"]}
+        for did, why in report["reasons"].items():
+            log.info("[%s] reload: %s", did, why)
         return report
 
+    @staticmethod
+    def _shown_state(slot: DriverSlot) -> str:
+        if slot.state in ("restarting", "starting") and slot.failed_boot:
+            return "failed"
+        return slot.state
 
-def _needs_restart(old: DriverConfig, new: DriverConfig) -> bool:
-    """Anything but a device's system/module/index (or the order of devices) changed."""
+
+def _needs_restart(old: DriverConfig, new: DriverConfig) -> str | None:
+    """Why the config change needs a restart: anything but a device's system/module/index
+    (or the order of devices, or the driver's log_level, applied live) changed."""
     def devices(c: DriverConfig) -> dict[str, Any]:
         return {d.id: (d.label, d.config, d.transport, d.transport_settings) for d in c.devices}
-    return ((old.path, old.flush_interval, old.max_memory, old.cpu_limit, old.group, devices(old))
-            != (new.path, new.flush_interval, new.max_memory, new.cpu_limit, new.group, devices(new)))
+    keys = ("path", "flush_interval", "max_memory", "cpu_limit", "group")
+    diff = [k for k in keys if getattr(old, k) != getattr(new, k)]
+    if devices(old) != devices(new):
+        diff.append("devices")
+    return f"config changed ({', '.join(diff)})" if diff else None
+
+
+async def _rehash(slot: DriverSlot) -> None:
+    slot.code = await asyncio.to_thread(codehash.code_hashes, slot.cfg.path)
+
+
+def _level(name: str | None) -> int | None:
+    if name is None:
+        return None
+    from hubhost.logs import level_of
+    return level_of(name)
 
 
 def _debug_stall(sup: Supervisor) -> None:

@@ -294,10 +294,27 @@ class UpstreamLogHandler(logging.Handler):
     def __init__(self, up: Upstream) -> None:
         super().__init__(logging.NOTSET)
         self.up = up
+        self.hub_level = logging.INFO
+        self.driver_levels: dict[str, int] = {}   # drivers with a level of their own
+
+    def set_levels(self, hub_level: int, driver_levels: dict[str, int]) -> None:
+        """The root logger lets through the lowest of them; emit() drops the rest."""
+        self.hub_level = int(hub_level)
+        self.driver_levels = {str(k): int(v) for k, v in (driver_levels or {}).items()}
+        logging.getLogger().setLevel(min([self.hub_level, *self.driver_levels.values()]))
+
+    def _threshold(self, msg: str) -> int:
+        if self.driver_levels and msg.startswith("["):
+            end = msg.find("]")
+            head = msg[1:end].split("/", 1)[0] if end > 0 else ""
+            return self.driver_levels.get(head, self.hub_level)
+        return self.hub_level
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = record.getMessage()
+            if record.levelno < self._threshold(msg):
+                return
             if record.exc_info:
                 msg += "\n" + logging.Formatter().formatException(record.exc_info)
             self.up.send(["log", record.levelno, record.name, msg])
@@ -324,6 +341,7 @@ class Worker:
         self.tick = time.monotonic()
         self.done = asyncio.Event()
         self._queries = {"link": self._q_link}
+        self.log_handler: UpstreamLogHandler | None = None
 
     def install(self) -> None:
         host = self.host
@@ -426,7 +444,10 @@ class Worker:
                 result = {"error": str(e)}
             self.up.send(["answer", msg[1], result])
         elif kind == "log_level":
-            logging.getLogger().setLevel(int(msg[1]))
+            if self.log_handler is not None:
+                self.log_handler.set_levels(int(msg[1]), msg[2] if len(msg) > 2 else {})
+            else:
+                logging.getLogger().setLevel(int(msg[1]))
 
     def _q_link(self, driver_id: str, device_id: str) -> dict[str, Any] | None:
         link = self.links.link(driver_id, device_id)
@@ -505,8 +526,9 @@ def run_worker(fd: int) -> int:
         root = logging.getLogger()
         for h in list(root.handlers):
             root.removeHandler(h)
-        root.addHandler(UpstreamLogHandler(w.up))
-        root.setLevel(int(spec.get("log_level", logging.INFO)))
+        w.log_handler = UpstreamLogHandler(w.up)
+        root.addHandler(w.log_handler)
+        w.log_handler.set_levels(int(spec.get("log_level", logging.INFO)), spec.get("driver_levels") or {})
         return await w.main()
 
     return asyncio.run(amain())
