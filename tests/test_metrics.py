@@ -347,3 +347,37 @@ def test_mirror_metrics_with_redis(tmp_path: Path, redis_server: Any) -> None:
                 assert value(f, "hubhost_mirror_lag_seconds") >= 0
 
     run(main())
+
+
+def test_real_hub_process_serves_metrics(tmp_path: Path) -> None:
+    """`hubhost run` as a subprocess (its own zygote and workers): the worker's handler
+    numbers reach the supervisor's /metrics."""
+    from hubproc import HubProcess, _UnixHTTP
+
+    import time
+
+    hub = HubProcess(hub_config(tmp_path), tmp_path / "state")
+    try:
+        hub.wait_api()
+
+        def timer_count() -> float:
+            conn = _UnixHTTP(str(tmp_path / "state" / "hubhost.sock"), 5.0)
+            try:
+                conn.request("GET", "/metrics")
+                r = conn.getresponse()
+                assert r.status == 200
+                fams = parse(r.read().decode())
+            finally:
+                conn.close()
+            try:
+                return value(fams, "hubhost_handler_seconds_count", driver="ticks", kind="timer")
+            except AssertionError:
+                return 0.0
+
+        deadline = time.monotonic() + 10
+        while timer_count() < 5:
+            assert time.monotonic() < deadline, "no timer handlers counted"
+            time.sleep(0.2)
+        assert hub.stop()[0] == 0
+    finally:
+        hub.kill()
