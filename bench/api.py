@@ -11,6 +11,12 @@
   subscriptions through the system index), time from the change until the last client
   has it, against a bare aiohttp server sending one message to the same 100 sockets.
   Target: p50 ratio <= 2.
+- metrics_scrape: `GET /metrics` of a hub with 200 devices (auth, the collector reading the
+  supervisor, rendering) over its Unix socket, against a bare aiohttp handler on the same
+  kind of socket that renders a prometheus_client registry holding the same series as
+  ordinary Gauge/Counter/Histogram objects (rendering the registry alone). Target: p50
+  ratio <= 1.5 (issue 16). `metrics_scrape_vs_render` compares the same scrapes with
+  rendering that registry in-process, without any HTTP (the strictest reading).
 
 Both servers run in one event loop; the clients run in a separate process and alternate
 between ours and the baseline in small blocks, so both see the same machine load.
@@ -95,7 +101,7 @@ def _http_exec(s: socket.socket, req: bytes, buf: bytes) -> bytes:
         buf += s.recv(65536)
 
 
-def client_exec(targets: list[tuple[str, str]], n: int) -> None:
+def client_exec(targets: list[tuple[str, str]], n: int, method: str = "POST") -> None:
     """Sequential keep-alive requests over raw sockets, one per (socket, url) target, in
     rotating blocks; prints every target's latencies as JSON."""
     socks, reqs = [], []
@@ -103,6 +109,9 @@ def client_exec(targets: list[tuple[str, str]], n: int) -> None:
         s = socket.socket(socket.AF_UNIX)
         s.connect(path)
         socks.append(s)
+        if method == "GET":
+            reqs.append(b"GET %s HTTP/1.1\r\nHost: hub\r\n\r\n" % url.encode())
+            continue
         reqs.append((b"POST %s HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % (url.encode(), len(EXEC_BODY))) + EXEC_BODY)
     k = len(targets)
@@ -199,7 +208,17 @@ async def baseline_app(sock_path: Path) -> tuple[Any, list[Any]]:
             pass
         return ws
 
+    metrics_registry: list[Any] = []     # filled by bench_metrics (the same series as the hub's)
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        resp = web.Response(body=generate_latest(metrics_registry[0]))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
     app = web.Application()
+    app["metrics_registry"] = metrics_registry
+    app.router.add_get("/metrics", metrics_handler)
     app.router.add_post("/api/v1/exec", exec_handler)
     app.router.add_post("/api/v1/exec_hop", exec_hop_handler)
     app.router.add_get("/api/v1/ws", ws_handler)
@@ -209,16 +228,16 @@ async def baseline_app(sock_path: Path) -> tuple[Any, list[Any]]:
     return runner, wss
 
 
-async def start_hub(tmp: Path) -> Any:
+async def start_hub(tmp: Path, config: str = CONFIG, name: str = "hub") -> Any:
     from hubhost import config as config_mod
     from hubhost.hub import install_parts
     from hubhost.supervisor.supervisor import Supervisor
 
     (tmp / "bench").mkdir(exist_ok=True)
     (tmp / "bench" / "init.lua").write_text(textwrap.dedent(DRIVER))
-    cfg_path = tmp / "hub.toml"
-    cfg_path.write_text(CONFIG + f'\n[api]\nsocket = "{tmp / "hub.sock"}"\n')
-    sup = Supervisor(config_mod.load(cfg_path), tmp / "state")
+    cfg_path = tmp / f"{name}.toml"
+    cfg_path.write_text(config + f'\n[api]\nsocket = "{tmp / (name + ".sock")}"\n')
+    sup = Supervisor(config_mod.load(cfg_path), tmp / f"state-{name}")
     install_parts(sup)
     await sup.start()
     return sup
@@ -272,15 +291,101 @@ async def bench_fanout(sup: Any, base_sock: Path, wss: list[Any], rounds: int) -
     result("fanout", times[0][warm:], times[1][warm:])
 
 
-async def bench_all(tmp: Path, quick: bool) -> None:
-    base_sock = tmp / "base.sock"
-    runner, wss = await baseline_app(base_sock)
-    sup = await start_hub(tmp)
+METRICS_DEVICES = 200
+METRICS_CONFIG = """
+[[drivers]]
+id = "bench"
+path = "bench"
+""" + "".join(f"""
+[[drivers.devices]]
+id = "m{i}"
+system = "s1"
+module = "Thing"
+index = {i}
+""" for i in range(1, METRICS_DEVICES + 1))
+
+
+def same_series_registry(text: str) -> Any:
+    """A prometheus_client registry of ordinary metric objects with the series of `text`
+    (the hub's /metrics): what an application instrumented the usual way would render."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from hubhost import metrics as hm
+
+    reg = CollectorRegistry()
+    for fam in text_string_to_metric_families(text):
+        samples = [x for x in fam.samples if not x.name.endswith("_created")]
+        if fam.type == "histogram":
+            labelnames = sorted({k for x in samples for k in x.labels if k != "le"})
+            bounds = hm.FLUSH_BUCKETS if "flush" in fam.name else hm.HANDLER_BUCKETS
+            h = Histogram(fam.name, fam.documentation, labelnames, registry=reg, buckets=bounds)
+            for x in samples:
+                if x.name.endswith("_count"):
+                    child = h.labels(**x.labels) if labelnames else h
+                    child.observe(0.001)
+            continue
+        kind = Counter if fam.type == "counter" else Gauge
+        labelnames = sorted({k for x in samples for k in x.labels})
+        m = kind(fam.name, fam.documentation, labelnames, registry=reg)
+        for x in samples:
+            child = m.labels(**x.labels) if labelnames else m
+            if kind is Counter:
+                child.inc(x.value)
+            else:
+                child.set(x.value)
+    return reg
+
+
+async def bench_metrics(tmp: Path, base_sock: Path, runner: Any, n: int) -> None:
+    import aiohttp
+
+    sup = await start_hub(tmp, METRICS_CONFIG, "metrics")
     try:
-        await bench_exec(sup, base_sock, 4000 if quick else 20000)
-        await bench_fanout(sup, base_sock, wss, 100 if quick else 500)
+        await asyncio.sleep(1.5)     # the worker's first stats and memory report
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sup.api.socket_path))) as s:
+            async with s.get("http://hub/metrics") as r:
+                assert r.status == 200, r.status
+                text = await r.text()
+        runner.app["metrics_registry"].append(same_series_registry(text))
+        series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+        targets = [(str(sup.api.socket_path), "/metrics"), (str(base_sock), "/metrics")]
+        proc = await spawn_client("scrape", json.dumps(targets), str(n))
+        out, _ = await proc.communicate()
+        if proc.returncode:
+            raise SystemExit("scrape client failed")
+        ours, base = json.loads(out)
+        result("metrics_scrape", ours, base)
+        # stricter: against the render alone, in this process, no HTTP at all
+        from prometheus_client import generate_latest
+        reg = runner.app["metrics_registry"][0]
+        render = []
+        for _ in range(len(ours)):
+            t0 = time.perf_counter()
+            generate_latest(reg)
+            render.append(time.perf_counter() - t0)
+        result("metrics_scrape_vs_render", ours, render)
+        print(f"# metrics_scrape: {METRICS_DEVICES} devices, {series} series, {len(text)} bytes", flush=True)
     finally:
         await sup.stop()
+
+
+async def bench_all(tmp: Path, quick: bool, only: str | None = None) -> None:
+    base_sock = tmp / "base.sock"
+    runner, wss = await baseline_app(base_sock)
+    try:
+        if only in (None, "exec", "fanout"):
+            sup = await start_hub(tmp)
+            try:
+                if only in (None, "exec"):
+                    await bench_exec(sup, base_sock, 4000 if quick else 20000)
+                if only in (None, "fanout"):
+                    await bench_fanout(sup, base_sock, wss, 100 if quick else 500)
+            finally:
+                await sup.stop()
+        if only in (None, "metrics_scrape"):
+            await bench_metrics(tmp, base_sock, runner, 1000 if quick else 5000)
+    finally:
         await runner.cleanup()
 
 
@@ -289,17 +394,20 @@ def main() -> None:
         kind = sys.argv[2]
         if kind == "exec":
             client_exec([tuple(t) for t in json.loads(sys.argv[3])], int(sys.argv[4]))
+        elif kind == "scrape":
+            client_exec([tuple(t) for t in json.loads(sys.argv[3])], int(sys.argv[4]), "GET")
         else:
             asyncio.run(client_fanout(sys.argv[3], sys.argv[4], int(sys.argv[5])))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a run under 60 s")
+    p.add_argument("--only", choices=("exec", "fanout", "metrics_scrape"), help="one benchmark")
     args = p.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="hhb") as d:
-        asyncio.run(bench_all(Path(d), args.quick))
+        asyncio.run(bench_all(Path(d), args.quick, args.only))
 
 
 if __name__ == "__main__":

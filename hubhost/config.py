@@ -133,14 +133,27 @@ class _Checker:
 
 
 API_LEVELS = ("none", "support", "administrator")
+METRICS_MODES = ("token", "open", "off")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _api(c: _Checker, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """[api]: the local HTTP/WebSocket API (hubhost/api.py). Returns normalised settings:
     socket (path or None for the default), socket_mode, tcp ((host, port) or None),
-    tokens ([{token, level}]), exec_timeout, driver_level, driver_levels."""
+    tokens ([{token, level}]), exec_timeout, driver_level, driver_levels, metrics
+    ("token" | "open" | "off"), metrics_token (or None)."""
     c.unknown(raw, {"enabled", "socket", "socket_mode", "tcp", "tokens", "exec_timeout",
-                    "driver_level", "driver_levels"}, "api")
+                    "driver_level", "driver_levels", "metrics", "metrics_token"}, "api")
     out: dict[str, Any] = {"enabled": c.typed(raw, "enabled", "api.enabled", (bool,), "true or false", True)}
     sock = c.typed(raw, "socket", "api.socket", (str,), "a path")
     out["socket"] = str((base / sock).resolve()) if sock else None
@@ -179,7 +192,32 @@ def _api(c: _Checker, raw: dict[str, Any], base: Path) -> dict[str, Any]:
             c.fail(f"{k}.level", f"must be one of {', '.join(API_LEVELS)}, got {level!r}")
         out["tokens"].append({"token": tok, "level": level,
                               "name": c.typed(t, "name", f"{k}.name", (str,), "a string", f"token {i}")})
-    if out["tcp"] and not out["tokens"]:
+    metrics = c.typed(raw, "metrics", "api.metrics", (str,), "a string", "token")
+    if metrics not in METRICS_MODES:
+        c.fail("api.metrics", "must be \"token\" (GET /metrics on TCP needs api.metrics_token or an "
+                              "administrator token), \"open\" (no token, on a loopback api.tcp only) "
+                              f"or \"off\" (no /metrics on TCP), got {metrics!r}")
+    out["metrics"] = metrics
+    mtok = c.typed(raw, "metrics_token", "api.metrics_token", (str,), "a string")
+    if mtok is not None:
+        if len(mtok) < 16 or not mtok.isprintable() or " " in mtok:
+            c.fail("api.metrics_token", "must be at least 16 printable characters without spaces")
+        if mtok in seen:
+            c.fail("api.metrics_token", "must differ from every [[api.tokens]] token (it reads "
+                                        "/metrics only)")
+        if metrics != "token":
+            c.fail("api.metrics_token", f"is set but api.metrics = {metrics!r}, where no token is "
+                                        "checked; remove one of them")
+    out["metrics_token"] = mtok
+    if metrics == "open":
+        if not out["tcp"]:
+            c.fail("api.metrics", "\"open\" serves GET /metrics without a token on api.tcp, but "
+                                  "api.tcp is not set")
+        if not _loopback(out["tcp"][0]):
+            c.fail("api.metrics", f"\"open\" needs a loopback api.tcp (127.0.0.1, ::1 or localhost), "
+                                  f"got {out['tcp'][0]!r}: anyone who reaches that address could "
+                                  "read the hub's metrics; set api.metrics_token instead")
+    if out["tcp"] and not out["tokens"] and mtok is None and metrics != "open":
         c.fail("api.tcp", "needs at least one [[api.tokens]] entry (TCP clients must present a token)")
     out["exec_timeout"] = c.number(raw, "exec_timeout", "api.exec_timeout", 10.0)
     out["driver_level"] = c.typed(raw, "driver_level", "api.driver_level", (str,), "a string", "support")

@@ -486,6 +486,7 @@ function M.invoke(driver, device_id, name, args, call_id)
     caps.collect_garbage()
   end
   if not ok then
+    if caps.function_fault then caps.function_fault(res) end   -- /metrics: a handler fault
     caps.log("warn", device_id, "function " .. name .. " failed: " .. res)
     return report(false, res)
   end

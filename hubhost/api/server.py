@@ -24,6 +24,9 @@ REST (JSON; errors are {"error": {"code", "message"}}):
                                             &limit=N; &follow=1 streams NDJSON as they arrive
   PUT  /api/v1/drivers/{id}/log_level       {"level": "debug"} or {"level": null} (administrator)
   GET  /api/v1/ws                           WebSocket, see WsSession
+  GET  /metrics                             Prometheus exposition (docs/metrics.md): the
+                                            socket's administrators, the metrics token, or
+                                            anyone on a loopback TCP with [api] metrics = "open"
 (docs/api.md has an example of each.)
 
 Exec errors map to HTTP statuses: unknown_device/unknown_function 404, forbidden 403,
@@ -86,6 +89,8 @@ class ApiSettings:
     exec_timeout: float = 10.0
     driver_level: str = "support"
     driver_levels: dict[str, str] = field(default_factory=dict)
+    metrics: str = "token"                 # GET /metrics on TCP: "token" | "open" | "off"
+    metrics_token: str | None = None       # a token that reads /metrics and nothing else
 
     @classmethod
     def from_config(cls, api: dict[str, Any], state_dir: Path) -> "ApiSettings":
@@ -98,6 +103,8 @@ class ApiSettings:
             exec_timeout=api.get("exec_timeout", 10.0),
             driver_level=api.get("driver_level", "support"),
             driver_levels=dict(api.get("driver_levels", {})),
+            metrics=api.get("metrics", "token"),
+            metrics_token=api.get("metrics_token"),
         )
 
 
@@ -217,6 +224,7 @@ class ApiServer:
         self.tcp_port: int | None = None
         self.socket_path: Path | None = None
         self.app = self._make_app()
+        self._metrics: Any = None   # hubhost.api.metrics.HubMetrics, made at the first scrape
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
@@ -235,6 +243,7 @@ class ApiServer:
         r.add_get("/api/v1/logs", self.logs)
         r.add_put("/api/v1/drivers/{id}/log_level", self.set_log_level)
         r.add_get("/api/v1/ws", self.websocket)
+        r.add_get("/metrics", self.metrics)
         return app
 
     # -- life ----------------------------------------------------------------------------
@@ -269,27 +278,67 @@ class ApiServer:
             self.socket_path = None
 
     # -- auth and errors -----------------------------------------------------------------
-    def level_for(self, request: web.Request) -> str:
-        """The caller's level: its token's, or administrator on the Unix socket."""
-        header = request.headers.get("Authorization")
-        if header is not None:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                raise web.HTTPUnauthorized(reason="malformed Authorization header (want: Bearer <token>)")
-            for known, level in self.settings.tokens.items():
-                if hmac.compare_digest(known.encode(), token.strip().encode()):
-                    return level
-            raise web.HTTPUnauthorized(reason="unknown token")
+    @staticmethod
+    def _on_unix(request: web.Request) -> bool:
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None and sock.family == socket.AF_UNIX:
+        return sock is not None and sock.family == socket.AF_UNIX
+
+    def _bearer(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise web.HTTPUnauthorized(reason="malformed Authorization header (want: Bearer <token>)")
+        return token.strip()
+
+    def _is_metrics_token(self, token: str | None) -> bool:
+        known = self.settings.metrics_token
+        return token is not None and known is not None and hmac.compare_digest(known.encode(), token.encode())
+
+    def metrics_level(self, request: web.Request) -> str:
+        """Who may read GET /metrics: the metrics token anywhere; on the socket an
+        administrator; on TCP an administrator token ([api] metrics = "token"), anyone
+        (metrics = "open", a loopback listener) or no one (metrics = "off")."""
+        token = self._bearer(request)
+        if self._is_metrics_token(token):
+            return "none"
+        if not self._on_unix(request):
+            mode = self.settings.metrics
+            if mode == "off":
+                raise web.HTTPNotFound(reason="/metrics is off on TCP ([api] metrics = \"off\")")
+            if mode == "open":
+                return "none"
+            if token is None:
+                raise web.HTTPUnauthorized(reason="/metrics on TCP needs a bearer token ([api] metrics_token, "
+                                                  "or an administrator token)")
+        level = self.level_for(request)
+        if LEVELS[level] < LEVELS["administrator"]:
+            raise web.HTTPForbidden(reason="/metrics needs the metrics token or the administrator level")
+        return level
+
+    def level_for(self, request: web.Request) -> str:
+        """The caller's level: its token's, or administrator on the Unix socket."""
+        token = self._bearer(request)
+        if token is not None:
+            if self._is_metrics_token(token):
+                raise web.HTTPForbidden(reason="the metrics token reads GET /metrics only")
+            for known, level in self.settings.tokens.items():
+                if hmac.compare_digest(known.encode(), token.encode()):
+                    return level
+            raise web.HTTPUnauthorized(reason="unknown token")
+        if self._on_unix(request):
             return "administrator"
         raise web.HTTPUnauthorized(reason="a bearer token is required on TCP (Authorization: Bearer <token>)")
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         try:
-            request[LEVEL] = self.level_for(request)
+            if request.path == "/metrics":
+                request[LEVEL] = self.metrics_level(request)
+            else:
+                request[LEVEL] = self.level_for(request)
             return await handler(request)
         except ExecError as e:
             return _json_response(_error_body(e.code, e.message), HTTP_STATUS.get(e.code, 400))
@@ -511,6 +560,16 @@ class ApiServer:
             "recent_errors": [e.to_json() for e in errors],
         }
         return _json_response(orjson.dumps(body, default=str))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The Prometheus exposition of the hub (docs/metrics.md), read at scrape time."""
+        if self._metrics is None:
+            from hubhost.api.metrics import HubMetrics
+            self._metrics = HubMetrics(self.sup)
+        body, content_type = self._metrics.render(request.headers.get("Accept"))
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30.0)

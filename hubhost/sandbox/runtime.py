@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from time import perf_counter
+
 from hubhost.sandbox.sandbox import LuaError, Sandbox, chunkname, from_lua, to_lua
 from hubhost.status.store import StatusStore
 
@@ -159,9 +161,12 @@ class DriverRuntime:
         # for the privileged glue: a full collection after a caught out-of-memory error,
         # before it crosses into Python again (lua/driver_functions.lua)
         self.R.caps.collect_garbage = self._gc
+        self.R.caps.function_fault = self._function_fault
         self._gc_mark = int(max_memory * GC_PRESSURE)   # collect when the heap grows past this
         self.lua = self.sandbox.lua
         self.extensions: list[Any] = []  # hooks added by other parts (datastore, status, ...)
+        # handler durations and faults (hubhost.metrics.HandlerStats), set by the worker host
+        self.stats: Any = None
 
     # -- logging -------------------------------------------------------------------------
     def _prefix(self, device_id: Any = None) -> str:
@@ -228,7 +233,16 @@ class DriverRuntime:
                            log_text(tb) if tb else msg)
         self.failures.append((label_s, kind, msg))
         del self.failures[:-50]
+        if self.stats is not None:
+            self.stats.fault(label_s, kind)
         self.port.handler_failed(self, label_s, kind, msg)
+
+    def _function_fault(self, err: Any) -> None:
+        """A function handler raised (caught by lua/driver_functions.lua, which answers the
+        caller and logs it): counted like any handler fault, nothing else."""
+        if self.stats is not None:
+            msg = err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)
+            self.stats.fault("function", "memory" if "not enough memory" in msg else "error")
 
     # -- guarded calls into Lua ----------------------------------------------------------
     def guarded(self, label: str, fn: Any, *args: Any) -> Any:
@@ -236,12 +250,15 @@ class DriverRuntime:
         formatting a traceback) counts as a failed handler, never as a host crash."""
         self._memory_fault = False
         self._relieve()
+        t0 = perf_counter()
         try:
             return fn(*args)
         except LuaError as e:
             self._handler_failed(label.encode(), str(e).encode(), b"")
             return None
         finally:
+            if self.stats is not None:
+                self.stats.observe(label, perf_counter() - t0)
             if self._memory_fault:
                 # LuaJIT does not collect on a failed allocation: free the aborted
                 # handler's garbage now, or the driver's next events would fail too
@@ -317,12 +334,16 @@ class DriverRuntime:
         call, driver = self.R.call, self.R.driver()
         if isinstance(items, int):
             items = range(items)
+        stats, text = self.stats, label.decode("utf-8", "replace")
         for item in items:
             self._relieve()
+            t0 = perf_counter()
             try:
                 call(label, fn, driver, item)
             except LuaError as e:
                 self._handler_failed(label, str(e).encode(), b"")
+            if stats is not None:
+                stats.observe(text, perf_counter() - t0)
             if self._memory_fault:
                 self._collect()
 

@@ -31,6 +31,7 @@ class RoutedFunctions(FunctionHost):
         self._cids = itertools.count(1)
         self._subscribers: dict[Any, Subscriber] = {}        # worker -> its subscriptions
         self._sub_refs: dict[tuple[Any, int], int] = {}      # (worker, worker's ref) -> ours
+        self.exec_counts: dict[str, int] = {}                # "ok" or an error code -> calls
 
     def attach(self) -> None:
         self.rebuild()
@@ -48,6 +49,19 @@ class RoutedFunctions(FunctionHost):
     # -- exec ------------------------------------------------------------------------------
     async def exec(self, target: str | SystemRef, function: str, args: Any = None, *,
                    level: str = "administrator", timeout: float | None = None) -> str:
+        """Run a function in its device's worker; counts each call by outcome (/metrics)."""
+        counts = self.exec_counts
+        try:
+            result = await self._exec(target, function, args, level, timeout)
+        except ExecError as e:
+            code = e.code if e.code in CODES else "driver_error"
+            counts[code] = counts.get(code, 0) + 1
+            raise
+        counts["ok"] = counts.get("ok", 0) + 1
+        return result
+
+    async def _exec(self, target: str | SystemRef, function: str, args: Any, level: str,
+                    timeout: float | None) -> str:
         slot, device_id, fn, bound = self.prepare(target, function, args, level)
         what = f"{fn.name} on {device_id!r}"
         w = slot.worker

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import orjson
 
-from hubhost import paths
+from hubhost import metrics, paths
 from hubhost.config import DriverConfig, HubConfig
 from hubhost.state import atomicfile
 from hubhost.state.datastore import StaleWriter, StoreFile
@@ -99,6 +99,10 @@ class DriverSlot:
         self._inner_restarts = 0      # restarts the worker reported
         self.code: dict[str, str] = {}   # hashes of the Lua files its worker was started with
         self.log_level: int | None = _level(cfg.log_level)   # its own level (config or API)
+        # handler histograms and faults (hubhost/metrics.py): the current worker's totals,
+        # and those of its earlier workers, so the counters never go back
+        self.handler_stats: tuple[dict, dict] = ({}, {})
+        self.handler_base: tuple[dict, dict] = ({}, {})
 
     def crash(self, reason: str) -> None:
         """Crash this driver inside its worker (tests and operators): it restarts with backoff."""
@@ -162,6 +166,9 @@ class WorkerHandle:
         for s in self.slots.values():
             s.state = "starting"
             s.worker = self
+            if s.handler_stats[0] or s.handler_stats[1]:   # a new worker counts from zero
+                metrics.add_into(s.handler_base, s.handler_stats)
+                s.handler_stats = ({}, {})
         for s in self.slots.values():   # before the fork: a later edit shows as a change
             s.code = await asyncio.to_thread(codehash.code_hashes, s.cfg.path)
         if self.stopping or self.sup.stopping:   # stopped (a reload, the hub) meanwhile
@@ -352,13 +359,14 @@ class WorkerHandle:
         self.loop_lag = float(msg[2])
 
     def _h_status(self, msg: list[Any], blob: bytes) -> None:
-        st = self.sup.status
+        st, changes = self.sup.status, self.sup.status_changes
         for dev, name, value in msg[1]:
             problem = self._status_problem(dev, name, value)
             if problem is not None:
                 self._refuse(dev, name, problem)
                 continue
-            st.set(dev, name, value)
+            if st.set(dev, name, value):
+                changes[dev] = changes.get(dev, 0) + 1
 
     def _status_problem(self, dev: Any, name: Any, value: Any) -> str | None:
         if not isinstance(dev, str) or dev not in self.devices:
@@ -449,6 +457,15 @@ class WorkerHandle:
     def _h_mem(self, msg: list[Any], blob: bytes) -> None:
         for did, used in msg[1].items():
             self._slot(did).memory = int(used)
+        stats = msg[2] if len(msg) > 2 else {}
+        if not isinstance(stats, dict):
+            raise ProtocolError("handler stats that are not a table")
+        for did, entry in stats.items():
+            s = self._slot(did)
+            try:
+                s.handler_stats = metrics.check_snapshot(entry)
+            except ValueError as e:
+                raise ProtocolError(f"bad handler stats for {s.id}: {e}") from None
 
     def _h_known(self, msg: list[Any], blob: bytes) -> None:
         self.sup.spawn(self.sup.save_known_devices(self._slot(msg[1])))
@@ -531,6 +548,11 @@ class Supervisor:
         self.logs = logring.LogRing()  # recent records per driver (`hubhost logs`)
         self.unflushed: list[str] = []
         self.unflushed_reasons: dict[str, str] = {}
+        # what /metrics reads (hubhost/api/metrics.py): status changes per device, datastore
+        # flush durations (hubhost/metrics.py histogram layout) and failures
+        self.status_changes: dict[str, int] = {}
+        self.flush_hist = metrics.new_hist(len(metrics.FLUSH_BUCKETS))
+        self.flush_failures = 0
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.stopping = False
         self._stop_event: asyncio.Event | None = None
@@ -671,15 +693,19 @@ class Supervisor:
         if problem is not None:
             log.error("[%s] refused a datastore snapshot from its worker: %s; the file is unchanged",
                       slot.id, problem)
+            self.flush_failures += 1
             w.send(["reply", rid, None, f"snapshot refused: {problem}"])
             return
+        t0 = time.perf_counter()
         try:
             ok = await self.loop.run_in_executor(self._writer_pool(), f.write, epoch, seq, blob)
         except StaleWriter as e:
             w.send(["reply", rid, None, f"stale:{e}"])
         except OSError as e:
+            self.flush_failures += 1
             w.send(["reply", rid, None, str(e)])
         else:
+            metrics.observe(self.flush_hist, metrics.FLUSH_BUCKETS, time.perf_counter() - t0)
             w.send(["reply", rid, bool(ok), None])
 
     def _writer_pool(self) -> Any:

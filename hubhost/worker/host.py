@@ -29,6 +29,7 @@ from hubhost.config import DriverConfig
 from hubhost.sandbox.runtime import DeviceInfo, DriverLoadError, DriverRuntime
 from hubhost.status.store import StatusStore
 from hubhost.loops import soon
+from hubhost.metrics import HandlerStats
 
 log = logging.getLogger("hubhost.worker")
 
@@ -60,6 +61,7 @@ class DriverSlot:
         self.state_dir = paths.driver_state_dir(sup.state_dir, cfg.id)
         self.failed_boot = False      # the last start attempt failed (entry chunk / init)
         self.known = known            # devices seen before (the supervisor's devices.json)
+        self.stats = HandlerStats()   # handler durations and faults, across runtime restarts
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -177,6 +179,7 @@ class DriverSlot:
         rt = DriverRuntime(self.id, self.cfg.path, self, max_memory=self.cfg.max_memory,
                            cpu_limit=self.cfg.cpu_limit, state_dir=self.state_dir,
                            status=self.sup.status, **self.cfg.runtime_limits())
+        rt.stats = self.stats
         self.rt = rt
         for hook in self.sup.runtime_hooks:
             hook(self, rt)

@@ -15,7 +15,9 @@ What crosses to the supervisor (all framed by channel.py, batched per loop itera
   call / sub / unsub                             the driver calls or watches another device
   exec_done, answer                              replies
   hb          overdue, loop_lag                  from the heartbeat thread, every 0.1 s
-  mem         {driver: lua bytes}                once a second
+  mem         {driver: lua bytes}, {driver: [handler histograms, faults]}
+                                                 once a second (stats only of drivers whose
+                                                 numbers moved; hubhost/metrics.py)
 and from it: exec, call_done, deliver, stop, crash, query, and replies to ds_*.
 """
 
@@ -392,11 +394,13 @@ class Worker:
             await asyncio.sleep(TICK)
             n += 1
             if n % 2 == 0:
-                mem = {}
+                mem, stats = {}, {}
                 for sid, slot in self.host.slots.items():
                     if slot.rt is not None:
                         mem[sid] = slot.rt.memory_used()
-                self.up.send(["mem", mem])
+                    if slot.stats.dirty:
+                        stats[sid] = slot.stats.snapshot()
+                self.up.send(["mem", mem, stats])
 
     # -- reading (on the loop: a reader callback, or inside a blocking request) ----------
     def readable(self) -> None:
