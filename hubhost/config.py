@@ -44,6 +44,7 @@ class DriverConfig:
     max_memory: int = 64 * 1024 * 1024
     cpu_limit: float = 1.0
     group: str | None = None      # drivers of one group share a worker process (shared fate)
+    max_subscriptions: int = 1000  # subscriptions of driver code to other devices' status
     log_level: str | None = None  # this driver's own level (else the hub's); live on reload
     # per-driver caps (README "Limits"; DriverRuntime kwargs of the same names)
     max_timers: int = DEFAULT_LIMITS["max_timers"]
@@ -321,7 +322,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
         k = f"drivers[{i}]"
         if not isinstance(d, dict):
             c.fail(k, "must be a table")
-        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group",
+        c.unknown(d, {"id", "path", "devices", "flush_interval", "max_memory", "cpu_limit", "group", "max_subscriptions",
                       "log_level", *DEFAULT_LIMITS}, k)
         did = c.ident(d, "id", f"{k}.id")
         if did in seen_drivers:
@@ -340,6 +341,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
             max_memory=c.size(d, "max_memory", f"{k}.max_memory", 64 * 1024 * 1024),
             cpu_limit=c.number(d, "cpu_limit", f"{k}.cpu_limit", 1.0),
             group=c.ident(d, "group", f"{k}.group") if "group" in d else None,
+            max_subscriptions=c.count(d, "max_subscriptions", f"{k}.max_subscriptions", 1000),
             max_timers=c.count(d, "max_timers", f"{k}.max_timers", DEFAULT_LIMITS["max_timers"]),
             max_pending_requests=c.count(d, "max_pending_requests", f"{k}.max_pending_requests",
                                          DEFAULT_LIMITS["max_pending_requests"]),

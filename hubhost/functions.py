@@ -453,12 +453,18 @@ class FunctionHost:
         # round trips while the loop thread is busy, and one wake-up of the loop at the end.
         api = side.api
         api.sync_id = cid
+        label = f"function {name} [{device_id}]"
+        faults = getattr(rt, "failure_count", 0)
         try:
-            rt.call(f"function {name} [{device_id}]", side.invoke, side.driver, device_id.encode(),
-                    name.encode(), lua_args, cid)
+            rt.call(label, side.invoke, side.driver, device_id.encode(), name.encode(), lua_args, cid)
         finally:
             ok, payload = api.sync_ok, api.sync_payload
             api.sync_id = api.sync_ok = api.sync_payload = None
+        if ok is None and getattr(rt, "failure_count", 0) > faults and rt.failures \
+                and rt.failures[-1][0] == label:
+            # aborted after the handler returned (e.g. its result over a limit while being
+            # encoded): no report came from Lua, so the caller hears it now, not at its timeout
+            ok, payload = False, rt.failures[-1][2].encode("utf-8", "replace")
         if ok is not None:
             soon(self.sup.loop, self._finish, cid, bool(ok), payload)
 

@@ -567,7 +567,8 @@ function Module:subscribe(status, fn)
   if type(fn) ~= "function" then
     error("subscribe: callback must be a function, got " .. type(fn), 2)
   end
-  local ref = host_fn("fn_subscribe")(self.system, self.module, self.index, status)
+  local ref, err = host_fn("fn_subscribe")(self.system, self.module, self.index, status)
+  if ref == nil then error(err, 2) end
   local sub = setmetatable({ ref = ref, status = status, target = module_label(self) }, Subscription)
   subs[ref] = { fn = fn, sub = sub }
   return sub

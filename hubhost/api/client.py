@@ -338,6 +338,11 @@ async def _describe(args: argparse.Namespace) -> int:
 
 
 def describe_text(doc: dict[str, Any]) -> str:
+    """The text of `hubhost describe`. Everything in it came from a driver or the config:
+    each piece is shown as one line with control characters escaped (hubhost/text.py)."""
+    from hubhost.text import one_line as s
+
+    doc = _safe_doc(doc, s)
     dev, drv = doc["device"], doc["driver"]
     out = [f"device {dev['id']} ({dev['label']})"]
     out.append(f"  driver:     {drv['id']} ({drv.get('name') or '?'}) at {drv['path']}")
@@ -385,6 +390,17 @@ def describe_text(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _safe_doc(v: Any, s: Any) -> Any:
+    """Every string (keys too) of a JSON document made one printable line."""
+    if isinstance(v, str):
+        return s(v)
+    if isinstance(v, dict):
+        return {s(k) if isinstance(k, str) else k: _safe_doc(x, s) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_safe_doc(x, s) for x in v]
+    return v
+
+
 async def _log_level(args: argparse.Namespace) -> int:
     level = None if args.level in ("hub", "default", "none") else args.level
     async with _client(args) as c:
@@ -398,7 +414,8 @@ def _runner(fn: Any) -> Any:
         try:
             return asyncio.run(fn(args))
         except ApiError as e:
-            print(f"hubhost {args.command}: {e.code}: {e.message}", file=sys.stderr)
+            from hubhost.text import one_line   # the message may be a driver's: one line, no escapes
+            print(f"hubhost {args.command}: {e.code}: {one_line(e.message)}", file=sys.stderr)
             return 1
         except ValueError as e:          # a config that does not load (ConfigError) names itself
             print(f"hubhost {args.command}: {e}", file=sys.stderr)

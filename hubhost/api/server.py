@@ -58,8 +58,28 @@ __all__ = ["ApiSettings", "ApiServer", "install", "reload_config", "default_sock
 
 log = logging.getLogger("hubhost.api.server")
 
+
+class _OneLineBadRequests(logging.Filter):
+    """aiohttp logs a malformed request (an oversized header, a WebSocket frame on a plain
+    connection) as an ERROR with a traceback: anyone who can reach the API could fill the
+    journal that way. Such a record becomes one WARNING line naming the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = "API: refused a malformed request: %s: %s"
+            record.args = (type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_OneLineBadRequests())
+
 MAX_BODY = 1024 * 1024
 MAX_WS_BACKLOG = 10_000          # queued messages before a slow WebSocket client is dropped
+MAX_WS_BACKLOG_BYTES = 8 << 20   # or queued bytes, whichever comes first
 MAX_WS_CALLS = 64                # exec requests in flight per WebSocket
 HTTP_STATUS = {"unknown_device": 404, "unknown_function": 404, "forbidden": 403, "bad_args": 400,
                "driver_error": 502, "timeout": 504}
@@ -611,6 +631,7 @@ class WsSession:
         self.level = level
         self.subscriber = server.subs.subscriber()
         self.out: deque[str] = deque()
+        self.queued = 0                  # bytes in `out`
         self.wake = asyncio.Event()
         self.calls: set[asyncio.Task] = set()
         self.closed = False
@@ -622,10 +643,17 @@ class WsSession:
             return
         out = self.out
         out.append(text)
-        if len(out) > MAX_WS_BACKLOG:
+        self.queued += len(text)
+        if len(out) > MAX_WS_BACKLOG or self.queued > MAX_WS_BACKLOG_BYTES:
+            n, size = len(out), self.queued
             out.clear()
+            self.queued = 0
             self.closed = True
-            log.warning("API: WebSocket client fell %d messages behind; disconnecting it", MAX_WS_BACKLOG)
+            if n > MAX_WS_BACKLOG:
+                log.warning("API: WebSocket client fell %d messages behind; disconnecting it", MAX_WS_BACKLOG)
+            else:
+                log.warning("API: WebSocket client fell %d KiB behind (%d messages); disconnecting it",
+                            size >> 10, n)
             # a close handshake would queue behind the backlog: cut the connection instead
             self.writer.cancel()
             if self.transport is not None:
@@ -640,7 +668,9 @@ class WsSession:
                 await wake.wait()
                 wake.clear()
                 while out:
-                    await ws.send_str(out.popleft())
+                    text = out.popleft()
+                    self.queued -= len(text)
+                    await ws.send_str(text)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass
         except Exception:  # noqa: BLE001 - a broken client must not take anything else down

@@ -41,6 +41,7 @@ DEFAULT_LIMITS: dict[str, int] = {
     "max_status_fields": 256,         # distinct status names per device
 }
 
+MAX_STATUS_NAME = 256                 # characters of one status name
 MAX_LOG_TEXT = 8 * 1024               # characters of one log record from a driver
 # every control character but the tab (which cannot start a line or drive a terminal)
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -134,6 +135,7 @@ class DriverRuntime:
         self.state_dir = state_dir
         self.log = logger or log
         self.failures: list[tuple[str, str, str]] = []  # (label, kind, message), recent
+        self.failure_count = 0                          # every failure since the runtime began
         self.status = status if status is not None else StatusStore()
         self.max_timers = int(max_timers)
         self.max_pending_requests = int(max_pending_requests)
@@ -192,6 +194,9 @@ class DriverRuntime:
         if dev not in self.owned_devices:
             return None, (f"device.status: device {log_text(dev, 200)!r} is not a device of "
                           f"driver {self.driver_id}").encode()
+        if not 1 <= len(key) <= MAX_STATUS_NAME or _CONTROL.search(key) or "\t" in key:
+            return None, (f"device.status: status name {log_text(key, 60)!r} refused: a status name "
+                          f"is 1 to {MAX_STATUS_NAME} characters with no control characters").encode()
         fields = self._status_fields.setdefault(dev, set())
         if text is None:
             changed = self.status.set(dev, key, None)
@@ -232,6 +237,7 @@ class DriverRuntime:
             self.log.error("%s handler %s failed: %s", self._prefix(), label_s,
                            log_text(tb) if tb else msg)
         self.failures.append((label_s, kind, msg))
+        self.failure_count += 1
         del self.failures[:-50]
         if self.stats is not None:
             self.stats.fault(label_s, kind)

@@ -30,7 +30,8 @@ class RoutedFunctions(FunctionHost):
         self._calls: dict[int, tuple[asyncio.Future, Any, str]] = {}
         self._cids = itertools.count(1)
         self._subscribers: dict[Any, Subscriber] = {}        # worker -> its subscriptions
-        self._sub_refs: dict[tuple[Any, int], int] = {}      # (worker, worker's ref) -> ours
+        self._places: dict[tuple[Any, tuple], _Place] = {}   # (worker, place) -> shared one
+        self._ref_place: dict[tuple[Any, int], tuple] = {}   # (worker, worker's ref) -> place
         self.exec_counts: dict[str, int] = {}                # "ok" or an error code -> calls
 
     def attach(self) -> None:
@@ -110,8 +111,10 @@ class RoutedFunctions(FunctionHost):
         sub = self._subscribers.pop(w, None)
         if sub is not None:
             sub.terminate()
-        for key in [k for k in self._sub_refs if k[0] is w]:
-            del self._sub_refs[key]
+        for key in [k for k in self._ref_place if k[0] is w]:
+            del self._ref_place[key]
+        for key in [k for k in self._places if k[0] is w]:
+            del self._places[key]
 
     # -- driver code calling and watching other devices ----------------------------------
     async def lua_call(self, w: Any, slot: Any, ref: int, text: str) -> None:
@@ -128,25 +131,63 @@ class RoutedFunctions(FunctionHost):
         w.send(["call_done", ref, ok, value])
 
     def lua_subscribe(self, w: Any, slot: Any, ref: int, place: tuple[str, str, int, str]) -> None:
+        """One subscription of driver code. Subscriptions of one worker to the same place
+        share one subscription here and one message per change (carrying every ref), so a
+        driver cannot multiply the supervisor's work by subscribing many times."""
+        cap = sum(getattr(s.cfg, "max_subscriptions", 1000) for s in w.slots.values())
+        if len(self._ref_place) >= cap and sum(1 for k in self._ref_place if k[0] is w) >= cap:
+            w.kill(f"protocol violation: more than {cap} subscriptions (max_subscriptions)")
+            return
+        key = (w, place)
+        self._ref_place[(w, ref)] = place
+        entry = self._places.get(key)
+        if entry is not None:
+            entry.refs.add(ref)
+            if entry.last is not None:
+                w.send(["deliver_many", [ref], entry.last])
+            return
         sub = self._subscribers.get(w)
         if sub is None:
             sub = self._subscribers[w] = self.subs.subscriber()
-        ours = self.subs.new_ref()
-        self._sub_refs[(w, ref)] = ours
+        entry = self._places[key] = _Place(self.subs.new_ref(), {ref})
 
         def deliver(_ours: int, text: str) -> None:
-            w.send(["deliver", ref, text])
+            entry.last = text
+            if w.backlog() > MAX_TO_WORKER:
+                w.kill(f"it does not read what it subscribed to ({w.backlog() >> 20} MiB queued for it)")
+                return
+            w.send(["deliver_many", sorted(entry.refs), text])
 
-        sub.subscribe(*place, deliver, ref=ours)
+        sub.subscribe(*place, deliver, ref=entry.ours)
 
     def lua_unsubscribe(self, w: Any, ref: int) -> None:
-        ours = self._sub_refs.pop((w, ref), None)
-        sub = self._subscribers.get(w)
-        if ours is not None and sub is not None:
-            sub.unsubscribe(ours)
+        place = self._ref_place.pop((w, ref), None)
+        if place is None:
+            return
+        entry = self._places.get((w, place))
+        if entry is None:
+            return
+        entry.refs.discard(ref)
+        if not entry.refs:
+            del self._places[(w, place)]
+            sub = self._subscribers.get(w)
+            if sub is not None:
+                sub.unsubscribe(entry.ours)
 
     def lua_subscription_count(self) -> int:
-        return sum(len(s) for s in self._subscribers.values())
+        return len(self._ref_place)
+
+
+class _Place:
+    __slots__ = ("ours", "refs", "last")
+
+    def __init__(self, ours: int, refs: set[int]) -> None:
+        self.ours = ours
+        self.refs = refs
+        self.last: str | None = None
+
+
+MAX_TO_WORKER = 64 << 20   # bytes queued for one worker before it counts as not reading
 
 
 def _is_json(text: str) -> bool:

@@ -31,6 +31,7 @@ import orjson
 from hubhost import metrics, paths
 from hubhost.config import DriverConfig, HubConfig
 from hubhost.state import atomicfile
+from hubhost.text import CONTROL, one_line
 from hubhost.state.datastore import StaleWriter, StoreFile
 from hubhost.status.store import StatusStore
 from hubhost.supervisor import codehash, logring, workers
@@ -53,22 +54,13 @@ MAX_STATUS_NAME = 256
 MAX_LOG_LINE = 8 << 10        # characters per log record (longer ones are cut, with a marker)
 MAX_RESULT = 16 << 20         # bytes of JSON text per function result
 
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL = CONTROL
 
 
 def escape_line(text: str, cap: int = MAX_LOG_LINE) -> str:
-    """One line, printable: control characters (newlines, ANSI escapes, NUL ...) written as
-    escapes, so a driver cannot forge log lines or drive the terminal."""
-    if len(text) > cap:
-        text = text[:cap] + f"... [{len(text) - cap} more characters cut]"
-    if _CONTROL.search(text):
-        text = _CONTROL.sub(_escape_char, text)
-    return text
-
-
-def _escape_char(m: re.Match) -> str:
-    c = m.group(0)
-    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+    """One line, printable (hubhost/text.py): a driver cannot forge log lines or drive the
+    terminal."""
+    return one_line(text, cap)
 
 
 def worker_log_level() -> int:
@@ -156,6 +148,12 @@ class WorkerHandle:
         if self.ch is not None and self.alive:
             self.ch.send(msg, blob)
 
+    def backlog(self) -> int:
+        """Bytes written to the worker that it has not read yet (beyond the socket buffer)."""
+        if self.ch is None or self.ch.writer.transport is None:
+            return 0
+        return self.ch.writer.transport.get_write_buffer_size()
+
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
         """Fork the worker, hand it its drivers, wait until they all started (or failed)."""
@@ -178,7 +176,8 @@ class WorkerHandle:
         try:
             pid, sock = await self.sup.zygote.fork()
         except Exception as e:  # noqa: BLE001 - the zygote failed: retry like a crash
-            self._died(f"could not start a worker: {e}")
+            self._died(f"could not start a worker: {type(e).__name__}: {e}" if str(e)
+                       else f"could not start a worker: {type(e).__name__}")
             return
         self.pid, self.pidfd = pid, workers.open_pidfd(pid)
         self.exit_code = self.loop.create_future()
@@ -371,8 +370,9 @@ class WorkerHandle:
     def _status_problem(self, dev: Any, name: Any, value: Any) -> str | None:
         if not isinstance(dev, str) or dev not in self.devices:
             return f"device {str(dev)[:80]!r} is not one of this worker's devices"
-        if not isinstance(name, str) or not name or len(name) > MAX_STATUS_NAME:
-            return f"a status name must be a string of 1 to {MAX_STATUS_NAME} characters"
+        if not isinstance(name, str) or not name or len(name) > MAX_STATUS_NAME or _CONTROL.search(name) \
+                or "\t" in name:
+            return f"a status name must be 1 to {MAX_STATUS_NAME} characters with no control characters"
         if value is None:
             return None
         if not isinstance(value, str):
@@ -734,9 +734,17 @@ class Supervisor:
 
     async def _watch(self) -> None:
         n = 0
+        last = time.monotonic()
         while not self.stopping:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            if now - last > 0.5:
+                # the supervisor itself did not run (stopped, swapped, a long pause): the
+                # workers' heartbeats may be waiting unread in their sockets, so judge them
+                # only after this loop has had time to read them
+                for w in self.workers.values():
+                    w.last_hb = max(w.last_hb, now)
+            last = now
             n += 1
             for i, w in enumerate(list(self.workers.values())):
                 w.check(now)
@@ -985,7 +993,9 @@ async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Superv
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
     if sup.unflushed or timed_out:
-        lost = "; ".join(f"{d} ({sup.unflushed_reasons.get(d, 'not saved')})" for d in sup.unflushed)
+        names = sup.unflushed or sorted(sup.unflushed_reasons)
+        lost = "; ".join(f"{d} ({sup.unflushed_reasons.get(d, 'not saved')})" for d in names)
+        sup.unflushed = list(names)
         log.error("stopped; changes of %d driver%s were NOT written to disk: %s", len(sup.unflushed),
                   "" if len(sup.unflushed) == 1 else "s", lost or "(the shutdown timed out)")
         return 1

@@ -24,6 +24,8 @@ from hubhost.worker.channel import AsyncChannel, ProtocolError
 
 log = logging.getLogger("hubhost.supervisor.workers")
 
+FORK_TIMEOUT = 5.0   # seconds for the zygote to fork a worker before it is replaced
+
 
 class Zygote:
     """The pre-loaded process workers are forked from (hubhost/worker/zygote.py)."""
@@ -111,8 +113,28 @@ class Zygote:
             socket.send_fds(self.ctl, [orjson.dumps(["fork", req])], [theirs.fileno()])
         finally:
             theirs.close()
-        pid = await asyncio.wait_for(fut, 30.0)
+        try:
+            pid = await asyncio.wait_for(fut, FORK_TIMEOUT)
+        except asyncio.TimeoutError:
+            ours.close()
+            self._forks.pop(req, None)
+            log.error("the worker zygote did not fork within %g s; replacing it", FORK_TIMEOUT)
+            self.replace()
+            raise RuntimeError(f"the worker zygote did not answer within {FORK_TIMEOUT:g} s "
+                               "(it was replaced)") from None
         return pid, ours
+
+    def replace(self) -> None:
+        """Kill an unresponsive zygote; the next fork starts a new one (running workers do
+        not depend on it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.ctl is not None:
+            self._lost()
 
     async def stop(self) -> None:
         if self.ctl is not None and self.loop is not None:

@@ -49,6 +49,8 @@ from hubhost.worker.host import DriverSlot, WorkerHost
 
 log = logging.getLogger("hubhost.worker")
 
+MAX_SUBSCRIPTIONS = 1000  # default cap per driver (config: max_subscriptions)
+MAX_STATUS_BATCH = 1 << 20  # bytes of status JSON per status message (a bigger batch is split)
 HEARTBEAT = 0.1          # seconds between looks at the handler deadlines (no message)
 BEAT_EVERY = 10          # a heartbeat message every 10 looks (1 s), at once when overdue
 TICK = 0.5               # seconds between the loop's liveness stamps
@@ -65,6 +67,7 @@ class Upstream:
         self.loop_thread = threading.get_ident()
         self._out: list[bytes] = []
         self._status: list[list[Any]] = []
+        self._status_bytes = 0
         self._scheduled = False
         self._ids = itertools.count(1)
         self._waiting: dict[int, concurrent.futures.Future] = {}
@@ -77,13 +80,18 @@ class Upstream:
             return
         if self._status:
             self._out.append(pack(["status", self._status]))
-            self._status = []
+            self._status, self._status_bytes = [], 0
         self._out.append(pack(msg, blob))
         self._schedule()
 
     def status(self, device_id: str, name: str, value: str | None) -> None:
-        """StatusStore listener (loop thread): one batch per loop iteration."""
+        """StatusStore listener (loop thread): one batch per loop iteration, split into
+        messages of about MAX_STATUS_BATCH bytes (a frame stays far below the caps)."""
         self._status.append([device_id, name, value])
+        self._status_bytes += len(value or "") + len(name) + len(device_id) + 16
+        if self._status_bytes > MAX_STATUS_BATCH:
+            self._out.append(pack(["status", self._status]))
+            self._status, self._status_bytes = [], 0
         self._schedule()
 
     def _schedule(self) -> None:
@@ -95,7 +103,7 @@ class Upstream:
         self._scheduled = False
         if self._status:
             self._out.append(pack(["status", self._status]))
-            self._status = []
+            self._status, self._status_bytes = [], 0
         if self._out:
             data, self._out = b"".join(self._out), []
             try:
@@ -252,7 +260,11 @@ class WorkerFunctions(FunctionHost):
             slot.actor.post(_resume_lua, rt, token, bool(ok), value)
 
     def _fn_subscribe(self, slot: Any, rt: DriverRuntime, system: bytes, module: bytes, index: Any,
-                      status: bytes) -> int:
+                      status: bytes) -> Any:
+        cap = getattr(slot.cfg, "max_subscriptions", MAX_SUBSCRIPTIONS)
+        if sum(1 for _s, r, _l in self._sub_refs.values() if r is rt) >= cap:
+            return None, (f"subscribe: too many subscriptions: limit of {cap} per driver reached "
+                          "(max_subscriptions)").encode()
         ref = next(self._refs)
         place = (system.decode(), module.decode(), int(index), status.decode())
         label = f"subscription {place[1]}/{place[2]}.{place[3]} in {place[0]}"
@@ -432,6 +444,9 @@ class Worker:
             self.functions.call_done(msg[1], msg[2], msg[3])
         elif kind == "deliver":
             self.functions.deliver(msg[1], msg[2])
+        elif kind == "deliver_many":
+            for ref in msg[1]:
+                self.functions.deliver(ref, msg[2])
         elif kind == "stop":
             self.host.spawn(self._stop(float(msg[1])))
         elif kind == "crash":

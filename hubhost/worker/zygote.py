@@ -122,7 +122,8 @@ def _child(ctl: socket.socket, fd: int) -> None:
     code = 70
     try:
         ctl.close()
-        die_with_parent()
+        # no PR_SET_PDEATHSIG here: a worker outlives a zygote that died (its channel to the
+        # supervisor is what it lives by; it exits when that closes)
         from hubhost.worker.main import run_worker
         code = run_worker(fd)
     except BaseException:  # noqa: BLE001 - a worker never unwinds into the zygote's loop
