@@ -304,3 +304,153 @@ def test_a_worker_over_its_memory_allowance_is_killed_and_restarted_with_backoff
     finally:
         code, took = hub.stop()
     assert took < 10.0
+
+
+# -- found by an outside check: the supervisor's own work must stay bounded ---------------------
+
+SUBSCRIBER = """
+local driver_helper = require "driver_helper"
+local log = require "log"
+local driver = driver_helper.init {{ name = "subscriber" }}
+driver:call_with_delay(0.3, function(d)
+  local target = d:system("s"):get("Inn", 1)
+  local n, err = 0, nil
+  for i = 1, {count} do
+    local ok, e = pcall(function() target:subscribe("n", function() end) end)
+    if not ok then err = e break end
+    n = n + 1
+  end
+  log.info("SUBSCRIBED " .. n .. " " .. tostring(err))
+end, "flood")
+return driver
+"""
+
+INNOCENT_N = """
+local driver_helper = require "driver_helper"
+local log = require "log"
+local dev
+local driver = driver_helper.init {
+  name = "innocent",
+  lifecycle = { init = function(d, device) dev = device end },
+}
+local n = 0
+driver:call_on_schedule(0.1, function(d)
+  n = n + 1
+  log.info("BEAT " .. n)
+  if dev then dev.status.n = n end
+end, "beat")
+return driver
+"""
+
+
+def test_a_subscription_flood_is_capped_and_shared(tmp_path: Path) -> None:
+    """20000 subscriptions to one value: refused past max_subscriptions with a Lua error
+    naming it; the ones taken share one subscription in the supervisor, so each change of
+    the innocent's status is one message to the subscriber's worker, and nothing stalls."""
+    write_driver(tmp_path, "innocent", INNOCENT_N)
+    write_driver(tmp_path, "subscriber", SUBSCRIBER.format(count=20000))
+    cfg = write_config(tmp_path / "hub.toml", """
+        [[drivers]]
+        id = "innocent"
+        path = "innocent"
+        [[drivers.devices]]
+        id = "inn1"
+        system = "s"
+        module = "Inn"
+        index = 1
+        [[drivers]]
+        id = "subscriber"
+        path = "subscriber"
+        max_subscriptions = 500
+    """)
+    hub = HubProcess(cfg, tmp_path / "state")
+    try:
+        hub.wait_api()
+        line = hub.wait_for("SUBSCRIBED", timeout=10)[0][1]
+        assert "SUBSCRIBED 500 " in line and "limit of 500 per driver reached (max_subscriptions)" in line
+        start = hub.wait_for("BEAT 5")[0][0]
+        time.sleep(2.0)
+        gaps = hub.gaps("[innocent] BEAT", since=start)
+        assert max(gaps) <= 0.35, f"max gap {max(gaps):.2f} s"
+        assert hub.rss() < 150 << 20
+        assert not hub.find("killing")
+    finally:
+        code, took = hub.stop()
+    assert code == 0 and took < 10.0
+
+
+def test_a_stalled_supervisor_does_not_kill_healthy_workers(tmp_path: Path) -> None:
+    """SIGSTOP the supervisor for longer than the heartbeat timeout: when it runs again its
+    workers' heartbeats are waiting in their sockets; nobody is killed."""
+    hub = HubProcess(_pair_config(tmp_path), tmp_path / "state")
+    try:
+        hub.wait_api()
+        for name in "abc":
+            hub.wait_for(f"BOOT {name} 1")
+        os.kill(hub.proc.pid, signal.SIGSTOP)
+        time.sleep(6.0)
+        os.kill(hub.proc.pid, signal.SIGCONT)
+        time.sleep(2.0)
+        assert not hub.find("killing"), [ln for _, ln in hub.find("killing")]
+        assert not hub.find("BOOT a 2") and not hub.find("driver crashed")
+        assert hub.api("GET", "/api/v1/health")[0] == 200
+    finally:
+        code, took = hub.stop()
+    assert code == 0
+
+
+def test_workers_outlive_their_zygote(tmp_path: Path) -> None:
+    """Killing the zygote takes no driver down; the next worker that must start gets a new
+    zygote."""
+    hub = HubProcess(_pair_config(tmp_path), tmp_path / "state")
+    try:
+        hub.wait_api()
+        for name in "abc":
+            hub.wait_for(f"BOOT {name} 1")
+        zygote = next(p for p in hub.tree() if open(f"/proc/{p}/comm").read().strip() == "hh-zygote")
+        workers = {open(f"/proc/{p}/comm").read().strip(): p for p in hub.workers()}
+        t_kill = time.monotonic()
+        os.kill(zygote, signal.SIGKILL)
+        time.sleep(1.5)
+        for name in "abc":
+            gaps = hub.gaps(f"BEAT {name} ", since=t_kill - 0.5)
+            assert gaps and max(gaps) <= 0.35, f"{name}: {max(gaps):.2f} s"
+        assert not hub.find("driver crashed")
+        # a worker that dies now (no longer under the zygote) is restarted from a new zygote
+        os.kill(workers["hh-a"], signal.SIGKILL)
+        hub.wait_for("BOOT a 2", timeout=8)
+    finally:
+        code, took = hub.stop()
+    assert code == 0 and took < 10.0
+
+
+ENCODE_ABORT = """
+local driver_helper = require "driver_helper"
+return driver_helper.init {
+  name = "big",
+  functions = { huge = { handler = function() return ("R"):rep(12 * 1024 * 1024) end } },
+}
+"""
+
+
+def test_an_exec_whose_result_is_refused_after_the_handler_returned_answers_at_once(tmp_path: Path) -> None:
+    write_driver(tmp_path, "big", ENCODE_ABORT)
+    cfg = write_config(tmp_path / "hub.toml", """
+        [[drivers]]
+        id = "big"
+        path = "big"
+        max_memory = "32MiB"
+        [[drivers.devices]]
+        id = "b1"
+    """)
+    hub = HubProcess(cfg, tmp_path / "state")
+    try:
+        hub.wait_api()
+        hub.wait_for("[big] running")
+        t0 = time.monotonic()
+        status, doc = hub.api("POST", "/api/v1/exec", {"device": "b1", "function": "huge"}, timeout=15)
+        took = time.monotonic() - t0
+        assert status == 502 and doc["error"]["code"] == "driver_error", doc
+        assert took < 3.0, f"the caller waited {took:.1f} s"
+    finally:
+        hub.stop()
