@@ -145,7 +145,9 @@ def test_reordered_displays_move_the_watcher_without_loss_or_repeat(tmp_path: Pa
             # the driver was not restarted: same runtime, its timers kept counting throughout
             assert slot.generation == gen_before and slot.restarts == 0
             assert len(cap.lines("[displays] running")) == 1
-            # the Lua subscriber followed the index too
+            # the Lua subscriber followed the index too (its value crosses to its worker and
+            # its log line back: wait for the final one as for the WebSocket client above)
+            await cap.wait_for(f"LUA-SEEN {final}", timeout=5)
             lua_seen = [line.rsplit(" ", 1)[1] for line in cap.lines("LUA-SEEN ")]
             lua_parts = stretches(lua_seen)
             assert [dev for dev, _ in lua_parts] == ["A", "B"]
