@@ -23,9 +23,14 @@ def _escape(m: "re.Match[str]") -> str:
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
 
 
+def escape_controls(s: str) -> str:
+    """`s` with every control character but the tab written as an escape."""
+    return CONTROL.sub(_escape, s) if CONTROL.search(s) else s
+
+
 def one_line(text: object, cap: int = 8 << 10) -> str:
     """`text` as one printable line of at most `cap` characters (a marker tells the cut)."""
     s = str(text)
     if len(s) > cap:
         s = s[:cap] + f"... [{len(s) - cap} more characters cut]"
-    return CONTROL.sub(_escape, s) if CONTROL.search(s) else s
+    return escape_controls(s)

@@ -10,13 +10,13 @@ and under the test kit's virtual clock.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from time import perf_counter
 
+from hubhost.text import CONTROL, escape_controls
 from hubhost.sandbox.sandbox import LuaError, Sandbox, chunkname, from_lua, to_lua
 from hubhost.status.store import StatusStore
 
@@ -43,20 +43,6 @@ DEFAULT_LIMITS: dict[str, int] = {
 
 MAX_STATUS_NAME = 256                 # characters of one status name
 MAX_LOG_TEXT = 8 * 1024               # characters of one log record from a driver
-# every control character but the tab (which cannot start a line or drive a terminal)
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
-
-
-def _escape_char(m: "re.Match[str]") -> str:
-    c = m.group()
-    e = _ESCAPES.get(c)
-    if e is not None:
-        return e
-    n = ord(c)
-    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
-
-
 def log_text(value: Any, limit: int = MAX_LOG_TEXT) -> str:
     """Driver-made text as one log line: control characters (newlines, ANSI escapes, NUL,
     C1 controls, Unicode line separators and bidi overrides) escaped as \\n, \\e, \\x00...,
@@ -68,7 +54,7 @@ def log_text(value: Any, limit: int = MAX_LOG_TEXT) -> str:
     total = len(text)
     if total > limit:
         text = text[:limit]
-    text = _CONTROL.sub(_escape_char, text)
+    text = escape_controls(text)
     if len(text) > limit:
         text = text[:limit]
     if total > limit:
@@ -194,7 +180,7 @@ class DriverRuntime:
         if dev not in self.owned_devices:
             return None, (f"device.status: device {log_text(dev, 200)!r} is not a device of "
                           f"driver {self.driver_id}").encode()
-        if not 1 <= len(key) <= MAX_STATUS_NAME or _CONTROL.search(key) or "\t" in key:
+        if not 1 <= len(key) <= MAX_STATUS_NAME or CONTROL.search(key) or "\t" in key:
             return None, (f"device.status: status name {log_text(key, 60)!r} refused: a status name "
                           f"is 1 to {MAX_STATUS_NAME} characters with no control characters").encode()
         fields = self._status_fields.setdefault(dev, set())

@@ -28,41 +28,32 @@ local function invalid() error("invalid order function for sorting", 0) end
 -- an inline `<` here, but one copy of the code keeps the bytecode cached and small.
 local function lt(a, b) return a < b end
 
+-- Move v down from `root` in the heap t[o+1 .. o+size] until its children are not above it.
+local function sift(t, o, root, size, v, cmp)
+  while true do
+    local child = 2 * root
+    if child > size then break end
+    local cv = t[o + child]
+    if child < size then
+      local c2 = t[o + child + 1]
+      if cmp(cv, c2) then child, cv = child + 1, c2 end
+    end
+    if not cmp(v, cv) then break end
+    t[o + root] = cv
+    root = child
+  end
+  t[o + root] = v
+end
+
 local function heapsort(t, l, u, cmp)
   local o, n = l - 1, u - l + 1
   for start = floor(n / 2), 1, -1 do
-    local root, v = start, t[o + start]
-    while true do
-      local child = 2 * root
-      if child > n then break end
-      local cv = t[o + child]
-      if child < n then
-        local c2 = t[o + child + 1]
-        if cmp(cv, c2) then child, cv = child + 1, c2 end
-      end
-      if not cmp(v, cv) then break end
-      t[o + root] = cv
-      root = child
-    end
-    t[o + root] = v
+    sift(t, o, start, n, t[o + start], cmp)
   end
   for last = n, 2, -1 do
     local v = t[o + last]
     t[o + last] = t[o + 1]
-    local size, root = last - 1, 1
-    while true do
-      local child = 2 * root
-      if child > size then break end
-      local cv = t[o + child]
-      if child < size then
-        local c2 = t[o + child + 1]
-        if cmp(cv, c2) then child, cv = child + 1, c2 end
-      end
-      if not cmp(v, cv) then break end
-      t[o + root] = cv
-      root = child
-    end
-    t[o + root] = v
+    sift(t, o, 1, last - 1, v, cmp)
   end
 end
 

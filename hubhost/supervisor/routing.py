@@ -134,7 +134,7 @@ class RoutedFunctions(FunctionHost):
         """One subscription of driver code. Subscriptions of one worker to the same place
         share one subscription here and one message per change (carrying every ref), so a
         driver cannot multiply the supervisor's work by subscribing many times."""
-        cap = sum(getattr(s.cfg, "max_subscriptions", 1000) for s in w.slots.values())
+        cap = sum(s.cfg.max_subscriptions for s in w.slots.values())
         if len(self._ref_place) >= cap and sum(1 for k in self._ref_place if k[0] is w) >= cap:
             w.kill(f"protocol violation: more than {cap} subscriptions (max_subscriptions)")
             return

@@ -46,22 +46,9 @@ STUCK_GRACE = 0.5          # seconds past a handler's CPU deadline before its wo
 HEARTBEAT_TIMEOUT = 2.0    # seconds without a heartbeat (beyond the CPU limit) = not answering
 LOOP_STALL_LIMIT = 5.0     # seconds (beyond the CPU limit) a worker's event loop may be blocked
                            # outside any handler (host code on a driver's value) before it dies
-WORKER_OVERHEAD = 64 << 20  # resident anonymous bytes a worker may hold beyond its drivers'
-                            # max_memory (Python, the loop, buffers; an idle worker holds ~20 MiB)
-MAX_STATUS_VALUE = 64 << 10   # bytes of JSON text per status value
-MAX_STATUS_FIELDS = 256       # distinct status fields per device
 MAX_STATUS_NAME = 256
 MAX_LOG_LINE = 8 << 10        # characters per log record (longer ones are cut, with a marker)
 MAX_RESULT = 16 << 20         # bytes of JSON text per function result
-
-_CONTROL = CONTROL
-
-
-def escape_line(text: str, cap: int = MAX_LOG_LINE) -> str:
-    """One line, printable (hubhost/text.py): a driver cannot forge log lines or drive the
-    terminal."""
-    return one_line(text, cap)
-
 
 def worker_log_level() -> int:
     """The lowest level any of the supervisor's loggers for worker records would write: the
@@ -101,11 +88,6 @@ class DriverSlot:
         if self.worker is not None:
             self.worker.send(["crash", self.id, reason])
 
-    @property
-    def rt(self) -> Any:
-        """Kept for callers of the in-process days: the runtime now lives in a worker."""
-        return None
-
 
 class WorkerHandle:
     """One worker process: its drivers, channel, heartbeat, and restart backoff."""
@@ -116,7 +98,7 @@ class WorkerHandle:
         self.slots = {s.id: s for s in slots}
         self.devices = {d.id: s.id for s in slots for d in s.cfg.devices}
         self.cpu_limit = max(s.cfg.cpu_limit for s in slots)
-        self.overhead = getattr(sup.config, "worker_overhead", WORKER_OVERHEAD)
+        self.overhead = sup.config.worker_overhead
         self.allowance = sum(s.cfg.max_memory for s in slots) + self.overhead
         self.backoff = BACKOFF_START
         self.last_start = 0.0
@@ -132,7 +114,6 @@ class WorkerHandle:
         self.last_hb = 0.0
         self.overdue = -1.0
         self.loop_lag = 0.0
-        self.private_bytes = 0
         self.restart_handle: asyncio.TimerHandle | None = None
         self.stopping = False
         self.reader: asyncio.Task | None = None
@@ -273,13 +254,7 @@ class WorkerHandle:
             log.warning("[%s] stopping during start-up: %s abandoned before running", self.name,
                         ", ".join(self.slots))
             self.kill("stopped during start-up")
-            if self.reader is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self.reader), 5.0)
-                except asyncio.TimeoutError:
-                    pass
-            for s in self.slots.values():
-                s.state = "stopped"
+            await self._ended()
             return []
         budget = max(0.1, deadline - self.loop.time())
         self.send(["stop", budget])
@@ -291,6 +266,11 @@ class WorkerHandle:
             for d in unflushed:
                 self.sup.unflushed_reasons.setdefault(d, "its worker did not stop in time")
             self.kill("did not stop in time")
+        await self._ended()
+        return list(unflushed or [])
+
+    async def _ended(self) -> None:
+        """After a stop: let the reader see the channel end (bounded), then the slots are stopped."""
         if self.reader is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self.reader), 5.0)
@@ -298,7 +278,6 @@ class WorkerHandle:
                 pass
         for s in self.slots.values():
             s.state = "stopped"
-        return list(unflushed or [])
 
     # -- watching --------------------------------------------------------------------------
     def check(self, now: float) -> None:
@@ -306,15 +285,12 @@ class WorkerHandle:
         if not self.alive or self.death_reason is not None:
             return
         if self.overdue > STUCK_GRACE:
-            self.kill(f"a handler ran {self.overdue + self.cpu_limit:.1f} s, past its CPU limit of "
-                      f"{self.cpu_limit:g} s, in code the CPU hook cannot interrupt")
-            log.error("[%s] %s; killing the worker", self.name, self.death_reason)
+            self._give_up(f"a handler ran {self.overdue + self.cpu_limit:.1f} s, past its CPU limit of "
+                          f"{self.cpu_limit:g} s, in code the CPU hook cannot interrupt", "the worker")
         elif self.loop_lag > self.cpu_limit + LOOP_STALL_LIMIT:
-            self.kill(f"the worker's event loop was blocked for {self.loop_lag:.1f} s outside any handler")
-            log.error("[%s] %s; killing it", self.name, self.death_reason)
+            self._give_up(f"the worker's event loop was blocked for {self.loop_lag:.1f} s outside any handler")
         elif now - self.last_hb > self.cpu_limit + STUCK_GRACE + HEARTBEAT_TIMEOUT:
-            self.kill(f"the worker stopped answering for {now - self.last_hb:.1f} s")
-            log.error("[%s] %s; killing it", self.name, self.death_reason)
+            self._give_up(f"the worker stopped answering for {now - self.last_hb:.1f} s")
 
     def check_memory(self) -> None:
         if not self.alive or self.pid is None or self.death_reason is not None:
@@ -322,11 +298,14 @@ class WorkerHandle:
         used = workers.anon_memory(self.pid)
         if used is None:
             return
-        self.private_bytes = used
         if used > self.allowance:
-            self.kill(f"the worker holds {used >> 20} MiB, over its allowance of "
-                      f"{self.allowance >> 20} MiB (max_memory + worker_overhead {self.overhead >> 20} MiB)")
-            log.error("[%s] %s; killing it", self.name, self.death_reason)
+            self._give_up(f"the worker holds {used >> 20} MiB, over its allowance of "
+                          f"{self.allowance >> 20} MiB (max_memory + worker_overhead {self.overhead >> 20} MiB)")
+
+    def _give_up(self, reason: str, what: str = "it") -> None:
+        """Kill the worker for `reason` and say so (its drivers restart with backoff)."""
+        self.kill(reason)
+        log.error("[%s] %s; killing %s", self.name, self.death_reason, what)
 
     async def query(self, what: str, *args: Any, timeout: float = 5.0) -> Any:
         self._qid += 1
@@ -370,7 +349,7 @@ class WorkerHandle:
     def _status_problem(self, dev: Any, name: Any, value: Any) -> str | None:
         if not isinstance(dev, str) or dev not in self.devices:
             return f"device {str(dev)[:80]!r} is not one of this worker's devices"
-        if not isinstance(name, str) or not name or len(name) > MAX_STATUS_NAME or _CONTROL.search(name) \
+        if not isinstance(name, str) or not name or len(name) > MAX_STATUS_NAME or CONTROL.search(name) \
                 or "\t" in name:
             return f"a status name must be 1 to {MAX_STATUS_NAME} characters with no control characters"
         if value is None:
@@ -378,7 +357,7 @@ class WorkerHandle:
         if not isinstance(value, str):
             return "a status value must be JSON text"
         cfg = self.slots[self.devices[dev]].cfg
-        cap = getattr(cfg, "max_status_value", MAX_STATUS_VALUE)
+        cap = cfg.max_status_value
         if len(value) > cap:
             return f"the value is {len(value)} bytes of JSON, over the limit of {cap} (max_status_value)"
         try:
@@ -386,7 +365,7 @@ class WorkerHandle:
         except orjson.JSONDecodeError:
             return "the value is not valid JSON text"
         st = self.sup.status
-        fields = getattr(cfg, "max_status_fields", MAX_STATUS_FIELDS)
+        fields = cfg.max_status_fields
         if st.get(dev, name) is None and st.field_count(dev) >= fields:
             return f"the device already has {fields} status fields (max_status_fields)"
         return None
@@ -398,14 +377,14 @@ class WorkerHandle:
             self._refused[key] = now
             if len(self._refused) > 1000:
                 self._refused.clear()
-            log.warning("[%s] status %s refused: %s", self.name, escape_line(key, 200), problem)
+            log.warning("[%s] status %s refused: %s", self.name, one_line(key, 200), problem)
 
     def _h_log(self, msg: list[Any], blob: bytes) -> None:
         level, name, text = int(msg[1]), str(msg[2]), str(msg[3])
         level = min(max(level, logging.DEBUG - 5), logging.CRITICAL)
         if not name.startswith("hubhost.") or len(name) > 80:
             name = "hubhost.worker"
-        text = escape_line(text)
+        text = one_line(text, MAX_LOG_LINE)
         driver = device = None
         if text.startswith("["):
             # a driver's line starts with its own [driver] or [driver/device]: only this
@@ -440,16 +419,16 @@ class WorkerHandle:
         s.state = state
         s._inner_restarts = restarts
         s.restarts = s._worker_restarts + restarts
-        s.last_error = escape_line(str(msg[4]), 2000) if msg[4] is not None else s.last_error
+        s.last_error = one_line(str(msg[4]), 2000) if msg[4] is not None else s.last_error
         s.failed_boot = bool(msg[5])
-        s.name = escape_line(str(msg[6]), 200) if msg[6] is not None else s.name
+        s.name = one_line(str(msg[6]), 200) if msg[6] is not None else s.name
 
     def _h_started(self, msg: list[Any], blob: bytes) -> None:
         if self.started is not None and not self.started.done():
             self.started.set_result(True)
 
     def _h_stopped(self, msg: list[Any], blob: bytes) -> None:
-        reasons = {d: escape_line(str(r), 500) for d, r in dict(msg[1]).items() if d in self.slots}
+        reasons = {d: one_line(str(r), 500) for d, r in dict(msg[1]).items() if d in self.slots}
         self.sup.unflushed_reasons.update(reasons)
         if self.stopped is not None and not self.stopped.done():
             self.stopped.set_result(list(reasons))
@@ -1003,4 +982,4 @@ async def run_hub(config: HubConfig, state_dir: Path, *, setup: Callable[[Superv
     return 0
 
 
-__all__ = ["Supervisor", "DriverSlot", "WorkerHandle", "run_hub", "escape_line"]
+__all__ = ["Supervisor", "DriverSlot", "WorkerHandle", "run_hub"]

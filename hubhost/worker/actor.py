@@ -65,6 +65,3 @@ class Actor:
 
     def _stop(self) -> None:
         self.stopped = True
-
-    def busy_for(self) -> float:
-        return 0.0   # the supervisor watches handler deadlines from outside the worker

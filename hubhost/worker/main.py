@@ -49,7 +49,6 @@ from hubhost.worker.host import DriverSlot, WorkerHost
 
 log = logging.getLogger("hubhost.worker")
 
-MAX_SUBSCRIPTIONS = 1000  # default cap per driver (config: max_subscriptions)
 MAX_STATUS_BATCH = 1 << 20  # bytes of status JSON per status message (a bigger batch is split)
 HEARTBEAT = 0.1          # seconds between looks at the handler deadlines (no message)
 BEAT_EVERY = 10          # a heartbeat message every 10 looks (1 s), at once when overdue
@@ -78,9 +77,7 @@ class Upstream:
         if threading.get_ident() != self.loop_thread:
             self.loop.call_soon_threadsafe(self.send, msg, blob)
             return
-        if self._status:
-            self._out.append(pack(["status", self._status]))
-            self._status, self._status_bytes = [], 0
+        self._pack_status()
         self._out.append(pack(msg, blob))
         self._schedule()
 
@@ -90,9 +87,14 @@ class Upstream:
         self._status.append([device_id, name, value])
         self._status_bytes += len(value or "") + len(name) + len(device_id) + 16
         if self._status_bytes > MAX_STATUS_BATCH:
+            self._pack_status()
+        self._schedule()
+
+    def _pack_status(self) -> None:
+        """The status changes so far become one message, in order with what follows."""
+        if self._status:
             self._out.append(pack(["status", self._status]))
             self._status, self._status_bytes = [], 0
-        self._schedule()
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -101,9 +103,7 @@ class Upstream:
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._status:
-            self._out.append(pack(["status", self._status]))
-            self._status, self._status_bytes = [], 0
+        self._pack_status()
         if self._out:
             data, self._out = b"".join(self._out), []
             try:
@@ -261,7 +261,7 @@ class WorkerFunctions(FunctionHost):
 
     def _fn_subscribe(self, slot: Any, rt: DriverRuntime, system: bytes, module: bytes, index: Any,
                       status: bytes) -> Any:
-        cap = getattr(slot.cfg, "max_subscriptions", MAX_SUBSCRIPTIONS)
+        cap = slot.cfg.max_subscriptions
         if sum(1 for _s, r, _l in self._sub_refs.values() if r is rt) >= cap:
             return None, (f"subscribe: too many subscriptions: limit of {cap} per driver reached "
                           "(max_subscriptions)").encode()
