@@ -31,9 +31,17 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest("-p", "no:hypothesispytest", *args)
 
 
-def hubhost_test(cwd: Path, *args: str, fast: bool = True) -> subprocess.CompletedProcess[str]:
+def hubhost_test(cwd: Path, *args: str, fast: bool = True,
+                 ci: bool | None = None) -> subprocess.CompletedProcess[str]:
+    """`hubhost test` as a user runs it; ci=True/False sets or clears pytest's CI markers
+    (CI, BUILD_NUMBER), which change how pytest prints its short summary."""
     env = dict(os.environ, COLUMNS="80")
     env.pop("PYTEST_ADDOPTS", None)
+    if ci is not None:
+        env.pop("CI", None)
+        env.pop("BUILD_NUMBER", None)
+        if ci:
+            env["CI"] = "true"
     if not fast:
         env["HUBHOST_TEST_FAST"] = "0"
     return subprocess.run([sys.executable, "-m", "hubhost", "test", *args], cwd=cwd, env=env,
@@ -357,21 +365,27 @@ def _summary(text: str) -> list[str]:
     return tail
 
 
-def test_fast_path_reports_what_pytest_reports(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ci", [False, True], ids=["terminal", "on-ci"])
+def test_fast_path_reports_what_pytest_reports(tmp_path: Path, ci: bool) -> None:
     """Same items, node ids, outcomes, failure summaries, counts and exit status with and
-    without pytest; only the fast one skips pytest's start-up (no platform/plugins line)."""
+    without pytest; only the fast one skips pytest's start-up (no platform/plugins line).
+    On a CI system pytest prints summary messages whole, elsewhere trimmed to the width:
+    the fast path follows it both ways."""
     for name, src in FAST_SUITE.items():
         write(tmp_path, name, src)
-    fast = hubhost_test(tmp_path, "-v")
-    slow = hubhost_test(tmp_path, "-v", fast=False)
+    fast = hubhost_test(tmp_path, "-v", ci=ci)
+    slow = hubhost_test(tmp_path, "-v", fast=False, ci=ci)
     assert "platform " not in fast.stdout and "platform " in slow.stdout
     assert fast.returncode == slow.returncode == 1
     assert _outcome_lines(fast.stdout) == _outcome_lines(slow.stdout)
     assert len(_outcome_lines(fast.stdout)) == 11
     assert "spec/a_spec.lua::name with a dot 1.5 PASSED" in _outcome_lines(fast.stdout)
     assert _summary(fast.stdout) == _summary(slow.stdout)
+    whole = "stack traceback:" in "\n".join(_summary(fast.stdout))
+    assert whole == ci, "summary messages whole on CI only"
     for args in (("-q",), ("spec/a_spec.lua", "spec/sub/c_spec.lua")):
-        f, s = hubhost_test(tmp_path, *args), hubhost_test(tmp_path, *args, fast=False)
+        f = hubhost_test(tmp_path, *args, ci=ci)
+        s = hubhost_test(tmp_path, *args, fast=False, ci=ci)
         assert f.returncode == s.returncode, args
         assert _summary(f.stdout) == _summary(s.stdout) if f.returncode else True, args
         last_f = re.sub(r" in [\d.]+s", "", f.stdout.strip().splitlines()[-1]).strip("= ")

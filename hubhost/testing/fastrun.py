@@ -85,6 +85,8 @@ def plan(argv: Sequence[str]) -> Plan | None:
         if not p.exists():
             return None   # pytest words the error
         targets.append(p.resolve())
+    if verbosity >= 2:
+        return None   # -v -v: pytest's longer reports are pytest's to print
     if not targets:
         targets = [Path.cwd().resolve()]
     anchors = [t if t.is_dir() else t.parent for t in targets]
@@ -161,13 +163,22 @@ def _sep(ch: str, title: str, width: int) -> str:
     return line
 
 
-def _short(word: str, nodeid: str, text: str | None, width: int) -> str:
+def _running_on_ci() -> bool:
+    """pytest's own test: on CI it prints summary messages whole (all their lines)."""
+    return any(os.environ.get(var) for var in ("CI", "BUILD_NUMBER"))
+
+
+def _short(word: str, nodeid: str, text: str | None, width: int, whole: bool) -> str:
+    """pytest's short-summary line: the message whole on CI or at -vv, else its first
+    line trimmed to the terminal width (and left out when not even "..." fits)."""
     line = f"{word} {nodeid}"
     if not text:
         return line
+    if whole:
+        return f"{line} - {text}"
     msg = text.split("\n", 1)[0]
     room = width - len(line) - 3
-    if room <= 3:
+    if room < 3:
         return line
     if len(msg) > room:
         msg = msg[: room - 3] + "..."
@@ -271,10 +282,11 @@ def run(p: Plan, out: TextIO = sys.stdout) -> int:
                 out.write(_sep("-", "Captured stdout call", width) + "\n" + it.output)
     if failures or errors:
         out.write(_sep("=", "short test summary info", width) + "\n")
+        whole = _running_on_ci()
         for it in failures:
-            out.write(_short("FAILED", it.nodeid, it.text, width) + "\n")
+            out.write(_short("FAILED", it.nodeid, it.text, width, whole) + "\n")
         for it, _, text in errors:
-            out.write(_short("ERROR", it.nodeid, text, width) + "\n")
+            out.write(_short("ERROR", it.nodeid, text, width, whole) + "\n")
     c = _counts(items)
     if not (failures or errors) and p.verbosity >= 0 and total:
         out.write("\n")
