@@ -20,7 +20,12 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
 _UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 1000**2,
           "GB": 1000**3, "k": 1024, "K": 1024, "M": 1024**2, "G": 1024**3}
-DEVICE_KEYS = {"id", "label", "system", "module", "index", "transport", "config"}
+DEVICE_KEYS = {"id", "label", "system", "module", "index", "transport", "config", "hub", "needs"}
+
+
+def valid_id(text: str) -> bool:
+    """An id as the config allows them (hubs, drivers, devices)."""
+    return bool(_ID.match(text))
 
 
 class ConfigError(ValueError):
@@ -33,6 +38,43 @@ class RedisConfig:
     prefix: str = ""
     socket_timeout: float = 2.0
     connect_timeout: float = 2.0
+    cluster: bool = False          # a Redis Cluster: redis-py's cluster client routes by key
+
+
+@dataclass
+class FleetHub:
+    """A hub as the shared config lists it ([[fleet.hubs]]); unlisted hubs: weight 1, no tags."""
+
+    id: str
+    weight: float = 1.0
+    tags: frozenset[str] = frozenset()
+
+
+@dataclass
+class Placement:
+    """Where a device may run: pinned to one hub (`hub`), or movable among hubs carrying
+    every tag in `needs`."""
+
+    hub: str | None = None
+    needs: tuple[str, ...] = ()
+
+
+@dataclass
+class FleetConfig:
+    """[fleet] (DESIGN section 8): every hub of a fleet loads the same file."""
+
+    id: str
+    ttl: float = 10.0
+    hubs: dict[str, FleetHub] = field(default_factory=dict)
+    placement: dict[str, Placement] = field(default_factory=dict)   # device id -> where
+    config_hash: str = ""          # of the file's bytes: hubs with another file are flagged
+
+    def hub(self, hub_id: str) -> FleetHub:
+        return self.hubs.get(hub_id) or FleetHub(hub_id)
+
+    def movable(self, device_id: str) -> bool:
+        p = self.placement.get(device_id)
+        return p is None or p.hub is None
 
 
 @dataclass
@@ -46,6 +88,9 @@ class DriverConfig:
     group: str | None = None      # drivers of one group share a worker process (shared fate)
     max_subscriptions: int = 1000  # subscriptions of driver code to other devices' status
     log_level: str | None = None  # this driver's own level (else the hub's); live on reload
+    # fleet mode: devices of this driver the config lists that other hubs drive now (they
+    # are not "removed": their persistent_store lives on in Redis)
+    elsewhere: tuple[str, ...] = ()
     # per-driver caps (README "Limits"; DriverRuntime kwargs of the same names)
     max_timers: int = DEFAULT_LIMITS["max_timers"]
     max_pending_requests: int = DEFAULT_LIMITS["max_pending_requests"]
@@ -75,6 +120,8 @@ class HubConfig:
     source: Path | None = None
     # resident anonymous memory a worker may hold beyond its drivers' max_memory
     worker_overhead: int = 64 * 1024 * 1024
+    fleet: FleetConfig | None = None
+    given_hub_id: str | None = None   # --hub-id / $HUBHOST_HUB_ID: wins over the file's hub_id
 
 
 class _Checker:
@@ -268,25 +315,55 @@ def driver_transport(folder: Path) -> tuple[str, str] | None:
     return None
 
 
+def _fleet(c: _Checker, raw: dict[str, Any]) -> FleetConfig:
+    c.unknown(raw, {"id", "ttl", "hubs"}, "fleet")
+    fc = FleetConfig(id=c.ident(raw, "id", "fleet.id"))
+    fc.ttl = c.number(raw, "ttl", "fleet.ttl", 10.0)
+    if fc.ttl < 1.0:
+        c.fail("fleet.ttl", f"must be at least 1 second (hubs renew every ttl/3), got {fc.ttl!r}")
+    hubs = c.typed(raw, "hubs", "fleet.hubs", (list,), "an array of tables ([[fleet.hubs]])", [])
+    for i, h in enumerate(hubs):
+        k = f"fleet.hubs[{i}]"
+        if not isinstance(h, dict):
+            c.fail(k, "must be a table with id, weight and tags")
+        c.unknown(h, {"id", "weight", "tags"}, k)
+        hid = c.ident(h, "id", f"{k}.id")
+        if hid in fc.hubs:
+            c.fail(f"{k}.id", f"duplicate hub id {hid!r}")
+        weight = c.typed(h, "weight", f"{k}.weight", (int, float), "a number", 1.0)
+        if not 0 <= weight < 1e6:
+            c.fail(f"{k}.weight", f"must be a number from 0 (takes no movable devices) up, got {weight!r}")
+        tags = c.typed(h, "tags", f"{k}.tags", (list,), "an array of tag strings", [])
+        if not all(isinstance(t, str) and t for t in tags):
+            c.fail(f"{k}.tags", f"must be an array of non-empty strings, got {tags!r}")
+        fc.hubs[hid] = FleetHub(hid, float(weight), frozenset(tags))
+    return fc
+
+
 def load(path: str | Path) -> HubConfig:
     """Read and check a hub config file."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except (UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
-    return parse(raw, source=str(path), base=path.parent)
+    cfg = parse(raw, source=str(path), base=path.parent)
+    if cfg.fleet is not None:
+        import hashlib
+        cfg.fleet.config_hash = hashlib.sha256(data).hexdigest()[:12]
+    return cfg
 
 
 def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = None) -> HubConfig:
     c = _Checker(source)
     base = base or Path.cwd()
     c.unknown(raw, {"hub_id", "state_dir", "flush_interval", "log_level", "redis", "drivers", "api",
-                    "worker_overhead"}, "")
+                    "worker_overhead", "fleet"}, "")
     cfg = HubConfig(source=Path(source) if source != "<config>" else None)
     if "hub_id" in raw:
         cfg.hub_id = c.ident(raw, "hub_id", "hub_id")
@@ -302,7 +379,7 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
 
     if "redis" in raw:
         r = c.typed(raw, "redis", "redis", (dict,), "a table")
-        c.unknown(r, {"url", "prefix", "socket_timeout", "connect_timeout"}, "redis")
+        c.unknown(r, {"url", "prefix", "socket_timeout", "connect_timeout", "cluster"}, "redis")
         url = c.typed(r, "url", "redis.url", (str,), "a string")
         if not url:
             c.fail("redis.url", "is required in a [redis] section")
@@ -313,7 +390,12 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
             prefix=c.typed(r, "prefix", "redis.prefix", (str,), "a string", ""),
             socket_timeout=c.number(r, "socket_timeout", "redis.socket_timeout", 2.0),
             connect_timeout=c.number(r, "connect_timeout", "redis.connect_timeout", 2.0),
+            cluster=c.typed(r, "cluster", "redis.cluster", (bool,), "true or false", False),
         )
+    if "fleet" in raw:
+        cfg.fleet = _fleet(c, c.typed(raw, "fleet", "fleet", (dict,), "a table"))
+        if cfg.redis is None:
+            c.fail("fleet", "fleet mode needs a [redis] section (hubs meet in Redis)")
 
     drivers = c.typed(raw, "drivers", "drivers", (list,), "an array of tables ([[drivers]])", [])
     seen_drivers: set[str] = set()
@@ -391,6 +473,21 @@ def parse(raw: dict[str, Any], *, source: str = "<config>", base: Path | None = 
                 c.fail(f"{dk}.transport", f"driver {did!r} is built with driver_helper.init_{needs[0]} "
                        f"({needs[1]}), so its devices need a transport: add transport = \"{needs[0]}\" "
                        "and its settings")
+            pinned = c.ident(dev, "hub", f"{dk}.hub") if "hub" in dev else None
+            tags = c.typed(dev, "needs", f"{dk}.needs", (list,), "an array of tag strings", [])
+            if not all(isinstance(t, str) and t for t in tags):
+                c.fail(f"{dk}.needs", f"must be an array of non-empty strings, got {tags!r}")
+            if pinned is not None and tags:
+                c.fail(f"{dk}.needs", "a device pinned to a hub (hub = ...) cannot also need tags")
+            if (pinned is not None or tags) and "fleet" not in raw:
+                c.fail(f"{dk}.{'hub' if pinned is not None else 'needs'}",
+                       "only means something in fleet mode (add a [fleet] section)")
+            if cfg.fleet is not None:
+                if (transport == "serial" or (transport is None and needs is not None
+                                              and needs[0] == "serial")) and pinned is None:
+                    c.fail(f"{dk}.hub", "a serial device is wired to one hub: pin it with "
+                                        "hub = \"<hub id>\" (only network devices can move)")
+                cfg.fleet.placement[dev_id] = Placement(pinned, tuple(tags))
             dc.devices.append(DeviceInfo(id=dev_id, label=label, config=conf, system=system,
                                          module=module, index=index, transport=transport,
                                          transport_settings=settings))

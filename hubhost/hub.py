@@ -43,15 +43,16 @@ def install_mirror(sup: Supervisor) -> None:
     from hubhost.status.mirror import RedisMirror
 
     mirror = RedisMirror(sup.status, rc.url, rc.prefix, socket_timeout=rc.socket_timeout,
-                         connect_timeout=rc.connect_timeout)
+                         connect_timeout=rc.connect_timeout, cluster=rc.cluster)
     sup.mirror = mirror
     devices = [dev.id for d in sup.config.drivers for dev in d.devices]
     mirror.set_devices(devices)
-    for system_id, mapping in device_systems(sup.config).items():
-        mirror.set_system_index(system_id, mapping)
+    if sup.fleet is None:      # in a fleet, each system's index has one builder (fleet/node.py)
+        for system_id, mapping in device_systems(sup.config).items():
+            mirror.set_system_index(system_id, mapping)
 
     def publish_interfaces(s: Supervisor) -> None:
-        for dev_id in devices:
+        for dev_id in (dev.id for d in s.config.drivers for dev in d.devices):
             mirror.set_interface(dev_id, interface_json(s, dev_id))
 
     async def stop(s: Supervisor) -> None:
@@ -192,12 +193,31 @@ def demo_next_steps(sup: Supervisor) -> str:
     return "\n".join(lines)
 
 
+def install_fleet(sup: Supervisor, full: HubConfig) -> None:
+    """Fleet mode ([fleet]): this hub's membership, leases and movable devices."""
+    from hubhost.fleet.node import FleetNode
+
+    node = FleetNode(sup, full, sup.config.hub_id)
+    sup.fleet = node
+    sup.pre_start_hooks.append(node.start)
+    sup.stopping_hooks.append(node.stopping)
+    sup.shutdown_hooks.insert(0, node.shutdown)   # hand over before anything else winds down
+
+
 async def run(config: HubConfig, state_dir: Path, *, demo: bool = False) -> int:
     log.info("hubhost starting: hub %s, state in %s%s", config.hub_id, state_dir, " (demo)" if demo else "")
+    full = config
+    if config.fleet is not None:
+        from hubhost.fleet.node import local_view
+        log.info("fleet %s: this hub runs its pinned devices now and takes movable ones as the "
+                 "fleet decides (ttl %g s)", config.fleet.id, config.fleet.ttl)
+        config = local_view(full, full.hub_id, set())
 
     def setup(sup: Supervisor) -> None:
         if demo:
             install_demo(sup)
+        if full.fleet is not None:
+            install_fleet(sup, full)
         install_parts(sup)
 
     return await run_hub(config, state_dir, setup=setup)

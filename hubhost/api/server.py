@@ -800,13 +800,22 @@ async def reload_config(sup: Any, only: set[str] | None = None) -> dict[str, Any
         except config_mod.ConfigError as e:
             log.error("config reload refused, keeping the running config: %s", e)
             raise ConfigReloadError(str(e)) from None
+        if sup.config.given_hub_id:
+            new.hub_id = new.given_hub_id = sup.config.given_hub_id
+        fleet = getattr(sup, "fleet", None)
+        if fleet is not None:
+            new = fleet.reloaded(new)    # the full config stays the fleet's; this hub's view
         for key in ("redis", "api", "hub_id", "state_dir"):
             if getattr(new, key) != getattr(sup.config, key):
                 log.warning("config reload: %s changed; that takes effect at the next start", key)
                 setattr(new, key, getattr(sup.config, key))
         old_systems = set(device_systems(sup.config))
         try:
-            report = await sup.apply_config(new, only=only)
+            if fleet is not None:
+                async with fleet.apply_lock:
+                    report = await sup.apply_config(new, only=only)
+            else:
+                report = await sup.apply_config(new, only=only)
         except KeyError as e:
             raise ConfigReloadError(str(e.args[0])) from None
         logs = getattr(sup, "logs", None)
@@ -822,6 +831,7 @@ async def reload_config(sup: Any, only: set[str] | None = None) -> dict[str, Any
         mirror = getattr(sup, "mirror", None)
         if mirror is not None:
             mirror.set_devices([dev.id for d in new.drivers for dev in d.devices])
+        if mirror is not None and fleet is None:   # in a fleet, each index has one builder
             for system_id, mapping in systems.items():
                 mirror.set_system_index(system_id, mapping)
             for system_id in old_systems - set(systems):

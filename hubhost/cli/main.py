@@ -40,6 +40,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except config_mod.ConfigError as e:
         print(f"hubhost: config refused: {e}", file=sys.stderr)
         return 2
+    hub_id = getattr(args, "hub_id", None) or os.environ.get("HUBHOST_HUB_ID")
+    if hub_id:
+        if not config_mod.valid_id(hub_id):
+            print(f"hubhost: --hub-id / $HUBHOST_HUB_ID: must be an id of letters, digits and _.:- "
+                  f"(max 128), got {hub_id!r}", file=sys.stderr)
+            return 2
+        cfg.hub_id = cfg.given_hub_id = hub_id
     logs.setup(args.log_level or cfg.log_level)
     demo_tmp: str | None = None
     if args.demo and not args.state_dir:
@@ -245,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--demo", action="store_true", help="run the bundled demo hub (no hardware, no Redis)")
     r.add_argument("--state-dir", help="where datastores and state live")
     r.add_argument("--log-level", help="trace, debug, info, warning, error")
+    r.add_argument("--hub-id", help="this hub's id (default: $HUBHOST_HUB_ID, else the config's "
+                                    "hub_id), so every hub of a fleet can run the same config file")
     r.add_argument("--dev", action="store_true",
                    help="watch the driver folders and the config: run a changed driver's specs, then reload it")
     r.set_defaults(func=_cmd_run)

@@ -53,6 +53,11 @@ class FleetKeys:
         return f"{self._f}:state"
 
     @property
+    def members(self) -> str:
+        """JSON list of the serving hubs the current epoch was counted for (the leader's)."""
+        return f"{self._f}:members"
+
+    @property
     def devices(self) -> str:
         """Hash device id -> JSON {"driver", "hub" (pinned hub or null), "needs": [tags]}."""
         return f"{self._f}:devices"
@@ -72,6 +77,11 @@ class FleetKeys:
     def store(self, device_id: str) -> str:
         """A movable device's persistent_store: JSON {"v": version, "hub": writer, "data": {...}}."""
         return f"{self.prefix}{{dev:{device_id}}}:store"
+
+    def fence(self, device_id: str) -> str:
+        """Counter incremented by each new lease holder: a store write carrying an older
+        number (a hub that lost the device) is refused."""
+        return f"{self.prefix}{{dev:{device_id}}}:fence"
 
     # -- the single-hub keys of DESIGN section 5 (prefix applied) ------------------------
     def status(self, device_id: str) -> str:

@@ -390,6 +390,8 @@ class RedisMirror:
         self._dirty_interfaces: dict[str, float] = {}
         self._owned: set[str] | None = None
         self._removed: set[str] = set()
+        self._released: set[str] = set()   # fleet mode: moved to another hub (not deleted)
+        self._forgotten: set[str] = set()  # fleet mode: systems another hub builds now
         self._systems: dict[str, dict[str, str]] = {}
         self._interfaces: dict[str, str] = {}
         self._inflight: _Work | None = None
@@ -465,11 +467,24 @@ class RedisMirror:
                 self._forget_device_locked(device_id, now)
             for device_id in new - old:
                 self._removed.discard(device_id)
+                self._released.discard(device_id)
                 self._drops.pop(device_id, None)
                 self._full.setdefault(device_id, now)
             self._owned = new
             wake = self._wake_locked()
         self._signal(wake)
+
+    def release_device(self, device_id: str) -> None:
+        """Stop writing a device that another hub drives now (fleet mode): its keys stay as
+        they are, for the new owner to write; nothing of it that is still queued here is sent."""
+        with self._plock:
+            if self._owned is not None:
+                self._owned.discard(device_id)
+            self._released.add(device_id)
+            self._full.pop(device_id, None)
+            self._drops.pop(device_id, None)
+            self._interfaces.pop(device_id, None)
+            self._dirty_interfaces.pop(device_id, None)
 
     def remove_device(self, device_id: str) -> None:
         """Delete a device's `status/` and `interface/` keys and its index entries."""
@@ -491,10 +506,18 @@ class RedisMirror:
                 )
             clean[k] = v
         with self._plock:
+            self._forgotten.discard(system_id)
             self._systems[system_id] = clean
             self._dirty_systems.setdefault(system_id, time.monotonic())
             wake = self._wake_locked()
         self._signal(wake)
+
+    def forget_system(self, system_id: str) -> None:
+        """Stop writing `system/<id>` without deleting it (fleet mode: another hub builds it now)."""
+        with self._plock:
+            self._systems.pop(system_id, None)
+            self._dirty_systems.pop(system_id, None)
+            self._forgotten.add(system_id)
 
     def remove_system(self, system_id: str) -> None:
         """Delete `system/<id>` (and PUBLISH lookup-change if it existed)."""
@@ -792,10 +815,12 @@ class RedisMirror:
         keys = self.keys
         with self._plock:
             removed = set(self._removed)
+            released = set(self._released)
             owned = set(self._owned) if self._owned is not None else set()
             systems = {s: dict(self._systems[s]) for s in
                        (self._systems if full else work.systems) if s in self._systems}
-            dead_systems = [s for s in work.systems if s not in self._systems]
+            dead_systems = [s for s in work.systems
+                            if s not in self._systems and s not in self._forgotten]
             interfaces = dict(self._interfaces) if full else {
                 d: self._interfaces[d] for d in work.interfaces if d in self._interfaces}
             dead_interfaces = [d for d in work.interfaces if d not in self._interfaces]
@@ -819,7 +844,7 @@ class RedisMirror:
         for device_id in dead_interfaces:
             commands.append((("interface", device_id), ("DEL", keys.interface(device_id))))
         for device_id, text in interfaces.items():
-            if device_id not in removed:
+            if device_id not in removed and device_id not in released:
                 commands.append((("interface", device_id),
                                  ("SET", keys.interface(device_id), text)))
 
@@ -827,7 +852,7 @@ class RedisMirror:
         whole = set(work.full)
         if full:
             whole |= owned | set(self._status.device_ids())
-        whole -= removed
+        whole -= removed | released
         for device_id in whole:
             args = [keys.status_channel_base(device_id)]
             for name, value in self._status.device(device_id).items():
@@ -837,7 +862,8 @@ class RedisMirror:
 
         # Field updates (taken from memory now, so coalesced to the latest value).
         if work.status:
-            wanted = [k for k in work.status if k[0] not in whole and k[0] not in removed]
+            wanted = [k for k in work.status if k[0] not in whole and k[0] not in removed
+                      and k[0] not in released]
             values = self._status.snapshot(wanted)
             per_device: dict[str, tuple[list[str], list[str]]] = {}
             for (device_id, name), value in zip(wanted, values):

@@ -35,7 +35,7 @@ from hubhost.text import CONTROL, one_line
 from hubhost.state.datastore import StaleWriter, StoreFile
 from hubhost.status.store import StatusStore
 from hubhost.supervisor import codehash, logring, workers
-from hubhost.worker.channel import AsyncChannel, ProtocolError
+from hubhost.worker.channel import FENCE_EXIT, AsyncChannel, ProtocolError
 
 log = logging.getLogger("hubhost.supervisor")
 
@@ -209,8 +209,25 @@ class WorkerHandle:
                 s.state = "stopped"
             self.sup.worker_gone(self, "stopped")
             return
+        if code == FENCE_EXIT and self.death_reason is None:
+            self._fenced()
+            return
         reason = self.death_reason or f"the worker {workers.describe_exit(code)}"
         self._died(reason)
+
+    def _fenced(self) -> None:
+        """The worker stopped itself because this hub's fleet leases ran out (fleet mode):
+        not a crash, and not restarted here; the fleet part starts its devices again once
+        it holds their leases (hubhost/fleet/node.py)."""
+        for s in self.slots.values():
+            s.state = "fenced"
+            log.warning("[%s] stopped: this hub could not renew its fleet leases in time, so its "
+                        "movable devices may be starting on another hub", s.id)
+        if self.started is not None and not self.started.done():
+            self.started.set_result(False)
+        if self.stopped is not None and not self.stopped.done():
+            self.stopped.set_result([])
+        self.sup.worker_gone(self, "fenced")
 
     def _died(self, reason: str) -> None:
         self.alive = False
@@ -521,6 +538,7 @@ class Supervisor:
         self.status = StatusStore()   # device status: the hub's source of truth
         self.mirror: Any = None       # the RedisMirror when [redis] is configured
         self.functions: Any = None    # supervisor.routing.RoutedFunctions (the API part)
+        self.fleet: Any = None        # hubhost.fleet.node.FleetNode in fleet mode
         self.zygote = workers.Zygote()
         self.zygote.on_exit = self._worker_exited
         self.store_files: dict[str, StoreFile] = {}
@@ -599,13 +617,27 @@ class Supervisor:
         return {
             "name": w.name,
             "drivers": [s.cfg for s in w.slots.values()],
-            "known": {s.id: self._known_devices(s) for s in w.slots.values()},
+            "known": {s.id: self._known_for_worker(s) for s in w.slots.values()},
             "status": {dev: self.status.device(dev) for dev in w.devices},
             "state_dir": str(self.state_dir),
             "log_level": worker_log_level(),
             "driver_levels": {s.id: s.log_level for s in w.slots.values() if s.log_level is not None},
             "api": {k: api.get(k) for k in ("exec_timeout", "driver_level", "driver_levels") if k in api},
+            "fence": self.fence_for(w),
         }
+
+    def fence_for(self, w: WorkerHandle) -> float | None:
+        """Fleet mode: until when the worker may drive its movable devices (None: it has none,
+        or this hub is not in a fleet)."""
+        if self.fleet is None:
+            return None
+        return self.fleet.fence_for(w.devices)
+
+    def _known_for_worker(self, slot: DriverSlot) -> dict[str, Any]:
+        known = self._known_devices(slot)
+        if self.fleet is not None:   # a device with a store in Redis was seen on another hub
+            known = {**self.fleet.known_extra(slot), **known}
+        return known
 
     def _known_devices(self, slot: DriverSlot) -> dict[str, Any]:
         f = slot.state_dir / "devices.json"
@@ -622,6 +654,9 @@ class Supervisor:
     async def save_known_devices(self, slot: DriverSlot) -> None:
         """devices.json: the devices of the config (never what a worker claims)."""
         data = {d.id: {"label": d.label, "config": d.config} for d in slot.cfg.devices}
+        if slot.cfg.elsewhere:    # fleet mode: devices away on other hubs stay known
+            old = await asyncio.to_thread(self._known_devices, slot)
+            data.update({d: old[d] for d in slot.cfg.elsewhere if d in old})
         target = slot.state_dir / "devices.json"
         try:
             await asyncio.to_thread(atomicfile.write_atomic, target,
@@ -662,6 +697,8 @@ class Supervisor:
         except OSError as e:
             w.send(["reply_blob", rid, "refused", str(e)])
             return
+        if self.fleet is not None:
+            raw = self.fleet.merge_stores(slot, raw)
         w.send(["reply_blob", rid, None, None], raw or b"")
 
     async def datastore_write(self, w: WorkerHandle, rid: Any, slot: DriverSlot, epoch: int, seq: int,
@@ -686,6 +723,8 @@ class Supervisor:
         else:
             metrics.observe(self.flush_hist, metrics.FLUSH_BUCKETS, time.perf_counter() - t0)
             w.send(["reply", rid, bool(ok), None])
+            if ok and self.fleet is not None:
+                self.fleet.store_written(slot, blob)
 
     def _writer_pool(self) -> Any:
         if self._writer is None:

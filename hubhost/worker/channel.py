@@ -24,6 +24,9 @@ MAX_HEADER = 16 << 20          # 16 MiB of JSON per message (status batches, exe
 MAX_BLOB = 1 << 30             # 1 GiB: a datastore snapshot is bounded by max_memory first
 
 
+
+FENCE_EXIT = 75   # a worker's exit status for "fenced" (fleet mode): not a crash, not restarted
+
 class ProtocolError(Exception):
     """The peer sent something that is not a well-formed frame within the caps."""
 

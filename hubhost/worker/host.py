@@ -185,7 +185,9 @@ class DriverSlot:
             hook(self, rt)
         rt.load()
         known = self._known_devices()
-        configured = {d.id for d in self.cfg.devices}
+        # fleet mode: a device another hub drives now is away, not removed (its
+        # persistent_store lives on in Redis; `removed` would drop it)
+        configured = {d.id for d in self.cfg.devices} | set(self.cfg.elsewhere)
         for dev_id, info in known.items():
             if dev_id not in configured:
                 rt.remove_device(DeviceInfo(id=dev_id, label=info.get("label", dev_id),
@@ -200,6 +202,7 @@ class DriverSlot:
     def _save_known_devices(self, known: dict[str, Any]) -> None:
         """The supervisor writes devices.json (state files outlive workers)."""
         data = {d.id: {"label": d.label, "config": d.config} for d in self.cfg.devices}
+        data.update({d: known[d] for d in self.cfg.elsewhere if d in known})
         if data == known:
             return
         self.known = data

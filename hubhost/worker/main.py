@@ -18,7 +18,8 @@ What crosses to the supervisor (all framed by channel.py, batched per loop itera
   mem         {driver: lua bytes}, {driver: [handler histograms, faults]}
                                                  once a second (stats only of drivers whose
                                                  numbers moved; hubhost/metrics.py)
-and from it: exec, call_done, deliver, stop, crash, query, and replies to ds_*.
+and from it: exec, call_done, deliver, stop, crash, query, fence (fleet mode: how long the
+worker may drive movable devices; see fenced_exit), and replies to ds_*.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from hubhost.sandbox.runtime import DriverRuntime
 from hubhost.state.datastore import DatastoreService, StaleWriter
 from hubhost.status.store import StatusStore
 from hubhost.status.subscriptions import Subscriptions
-from hubhost.worker.channel import SyncChannel, pack
+from hubhost.worker.channel import FENCE_EXIT, SyncChannel, pack
 from hubhost.worker.host import DriverSlot, WorkerHost
 
 log = logging.getLogger("hubhost.worker")
@@ -352,6 +353,9 @@ class Worker:
         self.host = WorkerHost(spec["drivers"], spec.get("known", {}), Path(spec["state_dir"]),
                                self.status, self.up, self.loop)
         self.cells: dict[str, tuple[ctypes.c_double, DriverRuntime]] = {}
+        # fleet mode, a worker that drives movable devices: the monotonic time until which
+        # it may (the supervisor extends it after each lease renewal); past it, it exits
+        self.fence: float | None = spec.get("fence")
         self.tick = time.monotonic()
         self.done = asyncio.Event()
         self._queries = {"link": self._q_link}
@@ -385,6 +389,8 @@ class Worker:
         n = 0
         while not self.done.is_set():
             now = time.monotonic()
+            if self.fence is not None and now > self.fence:
+                fenced_exit()
             overdue = -1.0
             for cell, _rt in list(self.cells.values()):
                 d = cell.value
@@ -462,6 +468,8 @@ class Worker:
             except Exception as e:  # noqa: BLE001
                 result = {"error": str(e)}
             self.up.send(["answer", msg[1], result])
+        elif kind == "fence":
+            self.fence = float(msg[1]) if msg[1] is not None else None
         elif kind == "log_level":
             if self.log_handler is not None:
                 self.log_handler.set_levels(int(msg[1]), msg[2] if len(msg) > 2 else {})
@@ -520,6 +528,15 @@ class Worker:
         return 0
 
 
+def fenced_exit() -> None:
+    """Fleet fencing: the hub could not renew its leases in time, so another hub may start
+    this worker's movable devices any moment now. Stop driving them at once, from any
+    thread, even while the supervisor is frozen: exit (the kernel closes every connection).
+    The supervisor sees FENCE_EXIT and starts the devices again only once it holds their
+    leases again."""
+    os._exit(FENCE_EXIT)
+
+
 def run_worker(fd: int) -> int:
     """The child side of a zygote fork: read `init`, run the drivers until `stop`."""
     sock = socket.socket(fileno=fd)
@@ -539,6 +556,10 @@ def run_worker(fd: int) -> int:
             f.write("hh-" + name.split(":", 1)[-1][:12])   # ps/top show which worker is which
     except OSError:
         pass
+
+    fence = spec.get("fence")
+    if fence is not None and time.monotonic() > fence:
+        fenced_exit()   # its leases may be someone else's already: drive nothing
 
     async def amain() -> int:
         w = Worker(ch, spec)

@@ -1,0 +1,232 @@
+"""Fleet mode with real processes: three `hubhost run` on one shared config, on a real
+redis-server and on a real 3-primary Redis Cluster. Every movable device is a TCP simulator
+that records any moment two hubs were connected to it at once; none may ever be."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetkit import Fleet
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def fleet_redis(request: pytest.FixtureRequest) -> Iterator[tuple[str, bool, Any]]:
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        yield server.url, False, server
+    else:
+        nodes = request.getfixturevalue("redis_cluster")
+        yield nodes.url, True, nodes
+
+
+@pytest.fixture
+def single_redis(redis_server: Any) -> tuple[str, bool, Any]:
+    return redis_server.url, False, redis_server
+
+
+class Messages:
+    """Every message on one channel, from a real subscriber (PUBLISH reaches every node of
+    a cluster, so one node's subscriber hears them all)."""
+
+    def __init__(self, url: str, channel: str) -> None:
+        import redis
+        self.r = redis.Redis.from_url(url, decode_responses=True)
+        self.ps = self.r.pubsub()
+        self.ps.subscribe(channel)
+        self.got: list[tuple[float, str]] = []
+        self._stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            m = self.ps.get_message(timeout=0.1)
+            if m and m["type"] == "message":
+                self.got.append((time.monotonic(), m["data"]))
+
+    def close(self) -> None:
+        self._stop = True
+        self.t.join(2)
+        self.ps.close()
+        self.r.close()
+
+
+class LeaseWatch:
+    """Who holds each movable device's lease, polled 20 times a second: the sequence of
+    holders (None: between two holders) per device."""
+
+    def __init__(self, f: Fleet, r: Any) -> None:
+        self.f, self.r = f, r
+        self.seen: dict[str, list[str | None]] = {d: [] for d in f.movable}
+        self._stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            for d, h in self.f.leases(self.r).items():
+                if not self.seen[d] or self.seen[d][-1] != h:
+                    self.seen[d].append(h)
+            time.sleep(0.05)
+
+    def stop(self) -> dict[str, list[str | None]]:
+        self._stop = True
+        self.t.join(2)
+        self.r.close()
+        return self.seen
+
+
+def wait(cond: Any, timeout: float, what: str, fleet: Fleet | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s" + ("\n" + fleet.tail() if fleet else ""))
+
+
+def ready_epoch(f: Fleet, r: Any) -> int | None:
+    """The epoch `P{fleet:F}:state` says is ready, if it is the current one."""
+    state, epoch = r.get(f.keys.state), r.get(f.keys.epoch)
+    if state and epoch and state == f"ready {epoch}":
+        return int(epoch)
+    return None
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    made: list[Fleet] = []
+
+    def make(url: str, cluster: bool, **kw: Any) -> Fleet:
+        f = Fleet(tmp_path, url, cluster=cluster, **kw)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.stop_all()
+
+
+def test_start_then_kill_9_of_the_leader(fleet_redis: tuple[str, bool, Any], fleet: Any) -> None:
+    """Start: each movable device driven by exactly one hub, its HRW winner; pinned devices
+    on their hub; `ready` once per epoch. `kill -9` of the leader: its devices run elsewhere
+    within ttl + 5 s with their persistent_store, never driven twice, a new leader, `ready`
+    for the new epoch, and its pinned device marked disconnected."""
+    url, cluster, _ = fleet_redis
+    f: Fleet = fleet(url, cluster)
+    r = f.client(url)
+    ready = Messages(url if not cluster else url, f.keys.prefix + "engine/system")
+    try:
+        for h in f.hub_ids:
+            f.start(h)
+        f.wait_settled(r, list(f.hub_ids), 40)
+        e1 = wait(lambda: ready_epoch(f, r), 10, "fleet ready", f)
+        for dev, hub in f.pinned.items():
+            assert f.sims[dev].active == 1, dev
+            assert r.get(f.keys.lease(dev)) is None     # pinned: no lease, no move
+        wait(lambda: len(ready.got) >= 1, 5, "engine/system ready published")
+        time.sleep(1.5)                                 # several ticks: no repeats
+        assert all(m == "ready" for _, m in ready.got)
+        first = len(ready.got)
+        assert 1 <= first <= e1
+        assert ready_epoch(f, r) == e1 and len(ready.got) == first
+        starts = {d: int(r.hget(f.keys.status(d), "starts")) for d in f.movable}
+
+        leader = r.get(f.keys.leader).split()[0]
+        before = f.leases(r)
+        moved = [d for d, h in before.items() if h == leader]
+        assert moved, f"the leader {leader} drove no movable device: {before}"
+        t0 = time.monotonic()
+        f.procs[leader].kill()
+        rest = [h for h in f.hub_ids if h != leader]
+        took = f.wait_settled(r, rest, f.ttl + 5)
+        assert time.monotonic() - t0 <= f.ttl + 5, took
+        assert f.double_driven() == {}
+        wait(lambda: (r.get(f.keys.leader) or "-").split()[0] in rest, 5, "a new leader", f)
+        e2 = wait(lambda: (e := ready_epoch(f, r)) and e > e1 and e, 10, "ready for a new epoch", f)
+        wait(lambda: len(ready.got) > first, 5, "ready published for the new epoch")
+        time.sleep(1.0)
+        assert len(ready.got) - first <= e2 - e1
+        for d in moved:   # the new owner loaded its persistent_store before init
+            assert int(r.hget(f.keys.status(d), "starts")) == starts[d] + 1, d
+        pinned_dead = next(d for d, h in f.pinned.items() if h == leader)
+        wait(lambda: r.hget(f.keys.status(pinned_dead), "connected") == "false", 5,
+             "the dead hub's pinned device marked disconnected", f)
+        assert f.double_driven() == {}
+    finally:
+        ready.close()
+        r.close()
+
+
+def test_sigstop_longer_than_ttl_fences_the_hub(single_redis: tuple[str, bool, Any], fleet: Any) -> None:
+    """A hub frozen (SIGSTOP) past its ttl: its workers stop driving on their own before the
+    leases can expire, so its devices start elsewhere without ever being driven twice;
+    after SIGCONT it rejoins and the devices settle by HRW again."""
+    url, cluster, _ = single_redis
+    f: Fleet = fleet(url, cluster)
+    r = f.client(url)
+    try:
+        for h in f.hub_ids:
+            f.start(h)
+        f.wait_settled(r, list(f.hub_ids), 40)
+        victim = next(h for h in f.hub_ids if (r.get(f.keys.leader) or "").split()[0] != h
+                      and h in f.leases(r).values())
+        moves = sum(1 for h in f.leases(r).values() if h == victim)
+        assert moves >= 1
+        os.kill(f.procs[victim].proc.pid, signal.SIGSTOP)
+        rest = [h for h in f.hub_ids if h != victim]
+        f.wait_settled(r, rest, f.ttl + 5)
+        assert f.double_driven() == {}
+        time.sleep(1.0)
+        watch = LeaseWatch(f, f.client(f.redis_url))
+        os.kill(f.procs[victim].proc.pid, signal.SIGCONT)
+        f.procs[victim].wait_for("could not renew its fleet leases", 10)
+        f.wait_settled(r, list(f.hub_ids), 20)
+        assert f.double_driven() == {}
+        time.sleep(2.0)                         # settled means settled: nothing moves again
+        assert f.settled(r, list(f.hub_ids))
+        moves = watch.stop()
+        back = {d for d, h in f.expected(list(f.hub_ids)).items() if h == victim}
+        for d in f.movable:   # no flapping: the victim's share moves back once, nothing else
+            holders = [h for h in moves[d] if h is not None]
+            assert holders[-1] == f.expected(list(f.hub_ids))[d], (d, moves[d])
+            assert len(holders) == (2 if d in back else 1), (d, moves[d])
+    finally:
+        r.close()
+
+
+def test_join_takes_its_share_and_a_graceful_stop_hands_over_at_once(
+        single_redis: tuple[str, bool, Any], fleet: Any) -> None:
+    url, cluster, _ = single_redis
+    f: Fleet = fleet(url, cluster)
+    r = f.client(url)
+    try:
+        f.start("a")
+        f.start("b")
+        f.wait_settled(r, ["a", "b"], 40)
+        f.start("c")
+        f.wait_settled(r, ["a", "b", "c"], 20)
+        assert f.double_driven() == {}
+        share = [d for d, h in f.leases(r).items() if h == "c"]
+        assert share, "c took no devices: the test needs a different seed"
+        t0 = time.monotonic()
+        code, _ = f.procs["c"].stop()
+        assert code == 0, f.tail()
+        f.wait_settled(r, ["a", "b"], 5)
+        assert time.monotonic() - t0 < f.ttl, "handed over at once, not after the lease expired"
+        assert f.double_driven() == {}
+        assert r.get(f.keys.hub("c")) is None
+        rec = json.loads(r.get(f.keys.hub("a")))
+        assert rec["id"] == "a" and rec["serving"] is True and rec["config"]
+    finally:
+        r.close()
