@@ -146,6 +146,7 @@ def test_start_then_kill_9_of_the_leader(fleet_redis: tuple[str, bool, Any], fle
         before = f.leases(r)
         moved = [d for d, h in before.items() if h == leader]
         assert moved, f"the leader {leader} drove no movable device: {before}"
+        conns = {d: sim.connections for d, sim in f.sims.items()}
         t0 = time.monotonic()
         f.procs[leader].kill()
         rest = [h for h in f.hub_ids if h != leader]
@@ -159,6 +160,9 @@ def test_start_then_kill_9_of_the_leader(fleet_redis: tuple[str, bool, Any], fle
         assert len(ready.got) - first <= e2 - e1
         for d in moved:   # the new owner loaded its persistent_store before init
             assert int(r.hget(f.keys.status(d), "starts")) == starts[d] + 1, d
+        # devices join a running driver: nothing else on the new owners reconnected
+        stayed = [d for d in f.sims if d not in moved and f.pinned.get(d) != leader]
+        assert {d: f.sims[d].connections for d in stayed} == {d: conns[d] for d in stayed}
         pinned_dead = next(d for d, h in f.pinned.items() if h == leader)
         wait(lambda: r.hget(f.keys.status(pinned_dead), "connected") == "false", 5,
              "the dead hub's pinned device marked disconnected", f)

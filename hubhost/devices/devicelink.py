@@ -414,6 +414,7 @@ class DriverLinks:
         self.previous = previous
         self.alive = True
         self.links: dict[str, DeviceLink] = {}
+        self.closing: dict[str, asyncio.Task[None]] = {}   # links closing one by one
         self._retire: asyncio.Task[None] | None = None
         self._outbox: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
         self._next_request: tuple[Any, ...] | None = None
@@ -545,7 +546,15 @@ class DriverLinks:
             self.glue.sup.spawn(self._guarded(link.open(), link, "open"))
 
     def _close_link(self, link: DeviceLink) -> None:
-        self.glue.sup.spawn(self._guarded(link.close(), link, "close"))
+        t = self.closing[link.id] = self.glue.sup.spawn(self._guarded(link.close(), link, "close"))
+        t.add_done_callback(lambda _t, i=link.id: self.closing.pop(i, None) if self.closing.get(i) is _t else None)
+
+    async def closed(self, device_ids: list[str]) -> None:
+        """Wait until the links of these devices are closed (their close was asked for)."""
+        await asyncio.sleep(0)      # the close is scheduled with call_soon
+        tasks = [t for d in device_ids if (t := self.closing.get(d)) is not None]
+        if tasks:
+            await asyncio.wait(tasks)
 
     @staticmethod
     async def _guarded(coro: Any, link: DeviceLink, what: str) -> None:

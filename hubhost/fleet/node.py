@@ -162,6 +162,7 @@ class FleetNode:
         self.redis = redis_client(full.redis.url, full.redis.cluster, max(0.2, self.ttl / 6))
         self.held: set[str] = set()       # movable devices whose lease is ours
         self.suspect: set[str] = set()    # leases we had when we fenced: ours again if still there
+        self.releasing: set[str] = set()  # being handed over: their last store still goes out
         self.running: set[str] = set()    # movable devices in the running config
         self.fence_deadline = 0.0         # monotonic; workers with movable devices exit past it
         self.serving = False              # takes movable devices (started, not stopping)
@@ -182,9 +183,12 @@ class FleetNode:
         self.started = time.time()
         self.apply_lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._renew_now = asyncio.Event()
+        self.registered = False
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.systems = _systems(full)
+        self.driver_of = _drivers_of(full)
         self.built_systems: set[str] = set()
 
     # -- what the supervisor asks ----------------------------------------------------------
@@ -202,7 +206,7 @@ class FleetNode:
     def merge_stores(self, slot: Any, raw: bytes | None) -> bytes | None:
         """The datastore text for a worker, with the shared persistent_store of each
         movable device this hub just took over put in place of the local copy."""
-        take = {d.id: self.stores.pop(d.id) for d in slot.cfg.devices if d.id in self.stores}
+        take = {d.id: self.take_store(d.id) for d in slot.cfg.devices if d.id in self.stores}
         if not take:
             return raw
         data = orjson.loads(raw) if raw and raw.strip() else {}
@@ -210,13 +214,21 @@ class FleetNode:
             return raw
         for dev_id, store in take.items():
             data["__" + dev_id] = store
-            self.store_text[dev_id] = orjson.dumps(store)
         return orjson.dumps(data)
+
+    def take_store(self, dev_id: str) -> Any:
+        """The store loaded from Redis for a device about to start here (once), or None."""
+        if dev_id not in self.stores:
+            return None
+        store = self.stores.pop(dev_id)
+        self.store_text[dev_id] = orjson.dumps(store)
+        return store
 
     def store_written(self, slot: Any, blob: bytes) -> None:
         """A driver's datastore reached disk: write the persistent_store of each movable
         device it drives through to `P{dev:<id>}:store` (only when it changed)."""
-        devs = [d.id for d in slot.cfg.devices if d.id in self.held]
+        mine = self.held | self.releasing
+        devs = [d for d in mine if self.driver_of.get(d) == slot.id]
         if not devs:
             return
         try:
@@ -277,6 +289,7 @@ class FleetNode:
         self.fc = new.fleet
         self.me = self.fc.hub(self.hub_id)
         self.systems = _systems(new)
+        self.driver_of = _drivers_of(new)
         self.built_systems.clear()
         movable = set(self._movable())
         self.running &= movable
@@ -332,7 +345,42 @@ class FleetNode:
             pass
 
     async def run(self) -> None:
-        """Tick until the hub stops: renew, read the fleet, lead, take and hand over."""
+        """Until the hub stops: renew on one task (never held up by a slow hand-over),
+        read the fleet, lead, take and hand over on this one."""
+        renew = asyncio.get_running_loop().create_task(self._renew_loop(), name="hubhost-fleet-renew")
+        try:
+            await self._reconcile_loop()
+        finally:
+            renew.cancel()
+
+    async def _renew_loop(self) -> None:
+        period = min(self.ttl / 3, MAX_TICK)
+        while not self._stopping:
+            t0 = time.monotonic()
+            ok = False
+            try:
+                ok = await self._renew(t0)
+                if self.outage_logged:
+                    log.info("fleet: Redis reachable again")
+                    self.outage_logged = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Redis down or failing over: keep trying
+                if not self.outage_logged:
+                    log.warning("fleet: Redis unreachable (%s: %s); movable devices stop %g s after "
+                                "the last renewal", type(e).__name__, e,
+                                round(self.ttl * FENCE_FRACTION, 2))
+                    self.outage_logged = True
+            if time.monotonic() > self.fence_deadline and (self.held or self.running):
+                self._fence()
+            delay = period if ok else min(period, SETTLING_TICK)
+            try:
+                await asyncio.wait_for(self._renew_now.wait(), max(0.0, t0 + delay - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+            self._renew_now.clear()
+
+    async def _reconcile_loop(self) -> None:
         started = self.sup._started_event()
         while not self._stopping:
             if started.is_set() and not self.serving and not self.sup.stopping:
@@ -340,21 +388,12 @@ class FleetNode:
             t0 = time.monotonic()
             settled = False
             try:
-                settled = await self._tick(t0)
-                if self.outage_logged:
-                    log.info("fleet: Redis reachable again")
-                    self.outage_logged = False
+                settled = await self._tick()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - Redis down or failing over: keep ticking
-                if not self.outage_logged:
-                    log.warning("fleet: Redis unreachable (%s: %s); movable devices stop %g s after "
-                                "the last renewal", type(e).__name__, e,
-                                round(self.ttl * FENCE_FRACTION, 2))
-                    self.outage_logged = True
-            await self._check_fence()
-            delay = MAX_TICK if settled else SETTLING_TICK
-            delay = min(delay, self.ttl / 3)
+            except Exception as e:  # noqa: BLE001 - Redis down: the renew loop says so
+                log.debug("fleet: tick failed: %s: %s", type(e).__name__, e)
+            delay = min(MAX_TICK if settled else SETTLING_TICK, self.ttl / 3)
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, t0 + delay - time.monotonic()))
             except asyncio.TimeoutError:
@@ -364,34 +403,36 @@ class FleetNode:
     def _fenced(self) -> bool:
         return bool(self.running) and time.monotonic() > self.fence_deadline
 
-    async def _check_fence(self) -> None:
-        """Past the deadline with devices running: they stop (the workers exit on their own
-        at the same deadline; this takes them out of the running config)."""
-        if not self.held or time.monotonic() <= self.fence_deadline:
-            return
-        log.error("fleet: hub %s could not renew its leases for %.1f s; it stops its %d movable "
-                  "device%s until it holds them again", self.hub_id,
-                  time.monotonic() - (self.fence_deadline - self.ttl * FENCE_FRACTION),
-                  len(self.held), "" if len(self.held) == 1 else "s")
+    def _fence(self) -> None:
+        """Past the deadline: the workers with movable devices have exited on their own (at
+        the same deadline); take the devices out of the running config until this hub holds
+        their leases again."""
+        if self.held:
+            log.error("fleet: hub %s could not renew its leases for %.1f s; it stops its %d movable "
+                      "device%s until it holds them again", self.hub_id,
+                      time.monotonic() - (self.fence_deadline - self.ttl * FENCE_FRACTION),
+                      len(self.held), "" if len(self.held) == 1 else "s")
         self.suspect |= self.held
         self.held.clear()
         self.ready = False
-        await self._apply()
+        self._wake.set()
 
-    # -- one tick ----------------------------------------------------------------------------
-    async def _tick(self, t0: float) -> bool:
-        k = self.keys
-        r = self.redis
-        mine = sorted(self.held | self.suspect)
-        record = orjson.dumps({
+    def _record_json(self) -> str:
+        return orjson.dumps({
             "id": self.hub_id, "weight": self.me.weight, "tags": sorted(self.me.tags),
             "ready": self.ready, "epoch": self.epoch, "serving": self.serving,
             "config": self.fc.config_hash, "started": self.started, "token": self.token,
             "devices": sorted(self.running)}).decode()
-        res = await r.eval(_RENEW, 2 + len(mine), k.hub(self.hub_id), k.hubs,
-                           *[k.lease(d) for d in mine], self.token, record, self.ttl_ms,
-                           self.lease_val, self.hub_id)
+
+    async def _renew(self, t0: float) -> bool:
+        """Renew the registration and every lease in one script; extend the fence."""
+        k = self.keys
+        mine = sorted(self.held | self.suspect)
+        res = await self.redis.eval(_RENEW, 2 + len(mine), k.hub(self.hub_id), k.hubs,
+                                    *[k.lease(d) for d in mine], self.token, self._record_json(),
+                                    self.ttl_ms, self.lease_val, self.hub_id)
         if int(res[0]) == 0:
+            self.registered = False
             if not self.duplicate_logged:
                 log.error("fleet: hub id %r is registered by another live process (or by this "
                           "hub before a restart, until that registration expires within %g s); "
@@ -399,20 +440,29 @@ class FleetNode:
                 self.duplicate_logged = True
             return False
         self.duplicate_logged = False
+        self.registered = True
         lost = {mine[int(i) - 1] for i in res[1:]}
+        if time.monotonic() > self.fence_deadline and (self.held or self.running):
+            self._fence()            # this renewal came too late to count for what ran
         self.fence_deadline = t0 + self.ttl * FENCE_FRACTION
         self._send_fence()
         back = self.suspect - lost
         if back:
             log.info("fleet: hub %s holds the leases of %s again", self.hub_id, ", ".join(sorted(back)))
-        self.held |= back
+            self.held |= back
         self.suspect.clear()
-        changed = False
         if lost & self.held:
             log.error("fleet: hub %s lost the leases of %s; stopping them", self.hub_id,
                       ", ".join(sorted(lost & self.held)))
             self.held -= lost
-            changed = True
+        if back or lost:
+            self._wake.set()
+        return True
+
+    # -- one tick ----------------------------------------------------------------------------
+    async def _tick(self) -> bool:
+        k = self.keys
+        r = self.redis
 
         # the fleet as it is now
         ids = sorted(await r.smembers(k.hubs))
@@ -452,9 +502,9 @@ class FleetNode:
         take = want - self.held
         if give:
             await self._hand_over(give)
-            changed = False
         got: list[str] = []
-        for dev_id in sorted(take):
+        fresh = self.registered and time.monotonic() + SETTLING_TICK < self.fence_deadline
+        for dev_id in sorted(take) if fresh else ():
             if await r.set(k.lease(dev_id), self.lease_val, nx=True, px=self.ttl_ms):
                 self.fence_no[dev_id] = int(await r.incr(k.fence(dev_id)))
                 await self._load_store(dev_id)
@@ -462,13 +512,13 @@ class FleetNode:
                 got.append(dev_id)
         if got:
             log.info("fleet: hub %s took over %s", self.hub_id, ", ".join(got))
-        if got or changed or self.running != self.held:
+        if got or self.running != self.held or self._needs_retry():
             await self._apply()
         self._build_systems(cands)
         settled = self.serving and self.held == want and self.running == self.held
         if settled and not self.ready:
             self.ready = True
-            self._wake.set()    # tell the fleet at once
+            self._renew_now.set()    # tell the fleet at once
         return settled
 
     def _movable(self) -> dict[str, tuple[str, ...]]:
@@ -501,7 +551,11 @@ class FleetNode:
         """Stop-before-start: stop the devices here, write their stores, then release."""
         log.info("fleet: hub %s hands over %s", self.hub_id, ", ".join(sorted(devs)))
         self.held -= devs
-        await self._apply()
+        self.releasing |= devs
+        try:
+            await self._apply()
+        finally:
+            self.releasing -= devs
         pending = [t for d in devs if (t := self.writes.get(d)) is not None and not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=self.ttl / 3)
@@ -579,6 +633,10 @@ class FleetNode:
 def _systems(cfg: HubConfig) -> dict[str, dict[str, str]]:
     from hubhost.hub import device_systems
     return device_systems(cfg)
+
+
+def _drivers_of(cfg: HubConfig) -> dict[str, str]:
+    return {dev.id: d.id for d in cfg.drivers for dev in d.devices}
 
 
 def _record(text: str | bytes) -> dict[str, Any]:

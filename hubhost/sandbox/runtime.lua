@@ -227,6 +227,15 @@ function R.remove_device(info)
   if caps.drop_device_store then caps.drop_device_store(id) end
 end
 
+-- Fleet mode: the device moves to another hub. Its link closes; no `removed` handler runs
+-- and its persistent_store stays (the new owner loads it from Redis).
+function R.release_device(id)
+  if devices[id] == nil then return end
+  devices[id] = nil
+  if caps.device_removed then caps.device_removed(id) end
+  labels[id] = nil
+end
+
 function R.shutdown()
   if driver then lifecycle("shutdown") end
 end

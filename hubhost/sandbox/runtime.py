@@ -296,6 +296,23 @@ class DriverRuntime:
         self.owned_devices.add(info.id)
         self.guarded(f"init [{info.id}]", self.R.start_device, self.device_table(info), is_new)
 
+    def release_device(self, device_id: str) -> None:
+        """Fleet mode: stop driving a device that moves to another hub (no `removed`, its
+        persistent_store kept)."""
+        self.guarded(f"release [{device_id}]", self.R.release_device, device_id.encode())
+        self.owned_devices.discard(device_id)
+        self._status_fields.pop(device_id, None)
+
+    def put_device_store(self, device_id: str, data: Any) -> None:
+        """Fleet mode: a device taken over from another hub brings its persistent_store
+        (from Redis): it replaces this hub's copy before the device's init runs."""
+        if not isinstance(data, dict):
+            data = {}
+        # through a Lua function, so the guard's checks run in protected mode (a refusal is
+        # a LuaError here, never an unprotected error in the host)
+        assign = self.lua.eval("function(t, k, v) t[k] = v end")
+        assign(self.R.caps.datastore(), ("__" + device_id).encode(), to_lua(self.lua, data))
+
     def remove_device(self, info: DeviceInfo) -> None:
         self.guarded(f"removed [{info.id}]", self.R.remove_device, self.device_table(info))
         self.owned_devices.discard(info.id)

@@ -202,6 +202,9 @@ class WorkerHandle:
             os.close(self.pidfd)
             self.pidfd = None
         self.sup.by_pid.pop(self.pid or 0, None)
+        for fut in self._queries.values():   # nobody will answer them now
+            if not fut.done():
+                fut.set_exception(asyncio.TimeoutError("the worker exited"))
         if self.stopping:
             if self.stopped is not None and not self.stopped.done():
                 self.stopped.set_result([])
@@ -326,13 +329,14 @@ class WorkerHandle:
 
     async def query(self, what: str, *args: Any, timeout: float = 5.0) -> Any:
         self._qid += 1
+        qid = self._qid
         fut = self.loop.create_future()
-        self._queries[self._qid] = fut
-        self.send(["query", self._qid, what, *args])
+        self._queries[qid] = fut
+        self.send(["query", qid, what, *args])
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self._queries.pop(self._qid, None)
+            self._queries.pop(qid, None)
 
     # -- what the worker sends -----------------------------------------------------------
     def handle(self, msg: list[Any], blob: bytes) -> None:
@@ -867,6 +871,7 @@ class Supervisor:
             merged += [d for d in new.drivers if d.id in only and d.id not in self.slots]
             new.drivers = [d for d in merged if d is not None]
         reasons: dict[str, str] = {}
+        live: dict[str, tuple[list[Any], list[str]]] = {}   # driver -> devices added, released
         wanted = {d.id: d for d in new.drivers}
         for did, slot in self.slots.items():
             if only is not None and did not in only:
@@ -875,11 +880,18 @@ class Supervisor:
                 reasons[did] = "removed from the config"
                 continue
             why = _needs_restart(slot.cfg, wanted[did])
-            if why is None and wanted[did].path == slot.cfg.path:
+            files = None
+            if wanted[did].path == slot.cfg.path and (why is None or why == _DEVICES_CHANGED):
                 files = codehash.changed_files(slot.code,
                                                await asyncio.to_thread(codehash.code_hashes, slot.cfg.path))
-                if files:
-                    why = codehash.describe_change(files)
+            if why == _DEVICES_CHANGED and not files and only is None and slot.state == "running" \
+                    and slot.worker is not None and slot.worker.alive:
+                delta = _device_delta(slot.cfg, wanted[did])
+                if delta is not None:      # devices moving between fleet hubs: no restart
+                    live[did] = delta
+                    continue
+            if why is None and files:
+                why = codehash.describe_change(files)
             if slot.state != "running" and (slot.state != "starting" or slot.failed_boot):
                 why = (why + "; " if why else "") + f"was {self._shown_state(slot)}: retrying"
             if why is None and only is not None and did in only:
@@ -931,16 +943,71 @@ class Supervisor:
         if self.functions is not None:
             self.functions.rebuild()
         await asyncio.gather(*(w.start() for w in starting))
+        for did, (added, released) in live.items():
+            if did in slots and await self._change_devices(slots[did], added, released):
+                reasons[did] = (f"devices changed while running (+{len(added)} -{len(released)})")
+            elif did in slots:
+                report["kept"].remove(did)
+                report["restarted"].append(did)
+                reasons[did] = "devices changed (a live change failed; restarted)"
         report["reasons"] = {k: v for k, v in reasons.items() if k not in report["kept"]}
         for did, why in report["reasons"].items():
             log.info("[%s] reload: %s", did, why)
         return report
+
+    async def _change_devices(self, slot: DriverSlot, added: list[Any], released: list[str]) -> bool:
+        """Add and release devices of a running driver in its worker (fleet moves); on
+        failure the worker restarts with the slot's (new) config. True when done live."""
+        import dataclasses
+        w = slot.worker
+        assert w is not None
+        w.devices = {dev.id: s.id for s in w.slots.values() for dev in s.cfg.devices}
+        known = self._known_devices(slot)
+        payload = []
+        for info in added:
+            store = self.fleet.take_store(info.id) if self.fleet is not None else None
+            seen = info.id in known or (self.fleet is not None and info.id in self.fleet.store_seen)
+            payload.append({"info": dataclasses.asdict(info), "store": store, "new": not seen})
+        try:
+            why = await w.query("devices", slot.id, payload, released, list(slot.cfg.elsewhere),
+                                timeout=SHUTDOWN_HANDLERS_BUDGET + 5.0)
+        except asyncio.TimeoutError:
+            why = "the worker did not answer in time"
+        if why is None:
+            log.info("[%s] devices changed while running:%s%s", slot.id,
+                     f" started {', '.join(i.id for i in added)}" if added else "",
+                     f" released {', '.join(released)}" if released else "")
+            return True
+        log.warning("[%s] could not change its devices while running (%s); restarting it", slot.id, why)
+        await w.stop(self.loop.time() + SHUTDOWN_HANDLERS_BUDGET)
+        w.stopping = False
+        await w.start()
+        return False
 
     @staticmethod
     def _shown_state(slot: DriverSlot) -> str:
         if slot.state in ("restarting", "starting") and slot.failed_boot:
             return "failed"
         return slot.state
+
+
+_DEVICES_CHANGED = "config changed (devices)"
+
+
+def _device_delta(old: DriverConfig, new: DriverConfig) -> tuple[list[Any], list[str]] | None:
+    """(added devices, released ids) when the change is only devices arriving or moving away
+    to another hub (`elsewhere`), with the others unchanged; None when it needs a restart
+    (a device changed or was removed from the config: `removed` must run)."""
+    def entry(d: Any) -> tuple[Any, ...]:
+        return (d.label, d.config, d.transport, d.transport_settings)
+    before = {d.id: d for d in old.devices}
+    after = {d.id: d for d in new.devices}
+    if any(entry(before[i]) != entry(after[i]) for i in before.keys() & after.keys()):
+        return None
+    gone = [i for i in before if i not in after]
+    if not set(gone) <= set(new.elsewhere):
+        return None
+    return [after[i] for i in after if i not in before], gone
 
 
 def _needs_restart(old: DriverConfig, new: DriverConfig) -> str | None:

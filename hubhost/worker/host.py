@@ -14,6 +14,7 @@ segfault or runaway memory is the supervisor's to see: it kills the whole worker
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -195,6 +196,47 @@ class DriverSlot:
         for dev in self.cfg.devices:
             rt.start_device(dev, dev.id not in known)
         self._save_known_devices(known)
+
+    async def change_devices(self, add: list[tuple[DeviceInfo, Any, bool]], release: list[str],
+                             elsewhere: tuple[str, ...]) -> str | None:
+        """Fleet mode: devices move between hubs without restarting the driver. Released
+        devices stop (their links are closed when this returns) and keep their store; added
+        ones get the store they bring (from Redis), then `added` (if new) and `init`. The
+        store is flushed before this returns, so a released device's persistent_store has
+        reached the supervisor. Returns None, or why it could not be done (then the
+        supervisor restarts the driver instead)."""
+        rt = self.rt
+        if rt is None or self.actor is None or self.state != "running":
+            return f"driver is {self.state}"
+        from hubhost.state.datastore import DatastoreBinding
+
+        def run() -> None:
+            for dev_id in release:
+                rt.release_device(dev_id)
+            for info, store, is_new in add:
+                if store is not None:
+                    rt.put_device_store(info.id, store)
+                rt.start_device(info, is_new)
+            b = DatastoreBinding.of(rt)
+            if b is not None and b.store is not None:
+                b.flush_now()
+
+        gone = set(release)
+        added = [info for info, _, _ in add]
+        self.cfg = dataclasses.replace(self.cfg, devices=[d for d in self.cfg.devices if d.id not in gone]
+                                       + added, elsewhere=elsewhere)
+        try:
+            await self.actor.call(self.loop, run)
+        except Exception as e:  # noqa: BLE001 - reported; the supervisor restarts the driver
+            return f"{type(e).__name__}: {e}"
+        links = getattr(self.sup, "links", None)
+        dl = links.drivers.get(self.id) if links is not None else None
+        if dl is not None:
+            await dl.closed(release)
+        self._save_known_devices(self.known)
+        if self.state != "running":
+            return f"driver is {self.state}"
+        return None
 
     def _known_devices(self) -> dict[str, dict[str, Any]]:
         return self.known

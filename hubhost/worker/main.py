@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 
 from hubhost.functions import ExecError, FunctionHost, Interface
-from hubhost.sandbox.runtime import DriverRuntime
+from hubhost.sandbox.runtime import DeviceInfo, DriverRuntime
 from hubhost.state.datastore import DatastoreService, StaleWriter
 from hubhost.status.store import StatusStore
 from hubhost.status.subscriptions import Subscriptions
@@ -368,6 +368,7 @@ class Worker:
         from hubhost.devices import devicelink
         devicelink._tuned_limits()   # the zygote imported it before this worker's environment
         self.links = devicelink.install(host)  # type: ignore[arg-type]
+        host.links = self.links  # type: ignore[attr-defined]
         api = self.spec.get("api", {})
         self.functions = WorkerFunctions(host, self.up, default_timeout=api.get("exec_timeout", 10.0),
                                          driver_level=api.get("driver_level", "support"),
@@ -459,6 +460,8 @@ class Worker:
             slot = self.host.slots.get(msg[1])
             if slot is not None:
                 slot.crash(msg[2])
+        elif kind == "query" and msg[2] == "devices":
+            self.host.spawn(self._q_devices(msg[1], *msg[3:]))
         elif kind == "query" and msg[2] == "dispatch":
             self._q_dispatch(msg[1], *msg[3:])
         elif kind == "query":
@@ -506,6 +509,16 @@ class Worker:
             self.up.send(["exec_done", cid, False, "driver_error", f"{type(e).__name__}: {e}"])
         else:
             self.up.send(["exec_done", cid, True, text])
+
+    async def _q_devices(self, qid: int, driver_id: str, add: list[dict[str, Any]], release: list[str],
+                         elsewhere: list[str]) -> None:
+        slot = self.host.slots.get(driver_id)
+        if slot is None:
+            self.up.send(["answer", qid, f"no driver {driver_id!r} in this worker"])
+            return
+        infos = [(DeviceInfo(**a["info"]), a.get("store"), bool(a.get("new"))) for a in add]
+        why = await slot.change_devices(infos, list(release), tuple(elsewhere))
+        self.up.send(["answer", qid, why])
 
     async def _stop(self, budget: float) -> None:
         try:
