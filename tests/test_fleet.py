@@ -187,6 +187,8 @@ def test_sigstop_longer_than_ttl_fences_the_hub(single_redis: tuple[str, bool, A
                       and h in f.leases(r).values())
         moves = sum(1 for h in f.leases(r).values() if h == victim)
         assert moves >= 1
+        pinned = next(d for d, h in f.pinned.items() if h == victim)
+        pinned_conns = f.sims[pinned].connections
         os.kill(f.procs[victim].proc.pid, signal.SIGSTOP)
         rest = [h for h in f.hub_ids if h != victim]
         f.wait_settled(r, rest, f.ttl + 5)
@@ -200,6 +202,8 @@ def test_sigstop_longer_than_ttl_fences_the_hub(single_redis: tuple[str, bool, A
         time.sleep(2.0)                         # settled means settled: nothing moves again
         assert f.settled(r, list(f.hub_ids))
         moves = watch.stop()
+        # its workers stopped only the movable devices: the pinned one never disconnected
+        assert f.sims[pinned].connections == pinned_conns and f.sims[pinned].active == 1
         back = {d for d, h in f.expected(list(f.hub_ids)).items() if h == victim}
         for d in f.movable:   # no flapping: the victim's share moves back once, nothing else
             holders = [h for h in moves[d] if h is not None]
@@ -232,5 +236,32 @@ def test_join_takes_its_share_and_a_graceful_stop_hands_over_at_once(
         assert r.get(f.keys.hub("c")) is None
         rec = json.loads(r.get(f.keys.hub("a")))
         assert rec["id"] == "a" and rec["serving"] is True and rec["config"]
+    finally:
+        r.close()
+
+
+def test_redis_outage_stops_movable_devices_and_keeps_pinned_ones(
+        single_redis: tuple[str, bool, Any], fleet: Any) -> None:
+    """Redis frozen past the ttl: every hub fences itself (its movable devices stop before
+    any lease could expire), its pinned devices run on untouched; when Redis is back the
+    hubs hold their leases again and the fleet settles, never driving a device twice."""
+    url, cluster, server = single_redis
+    f: Fleet = fleet(url, cluster)
+    r = f.client(url)
+    try:
+        for h in f.hub_ids:
+            f.start(h)
+        f.wait_settled(r, list(f.hub_ids), 40)
+        pinned = {d: f.sims[d].connections for d in f.pinned}
+        server.pause()
+        try:
+            wait(lambda: all(f.sims[d].active == 0 for d in f.movable), f.ttl, "movable devices stopped", f)
+            assert all(f.sims[d].active == 1 for d in f.pinned)
+            time.sleep(1.0)
+        finally:
+            server.resume()
+        f.wait_settled(r, list(f.hub_ids), 20)
+        assert f.double_driven() == {}
+        assert {d: f.sims[d].connections for d in f.pinned} == pinned, "pinned devices never reconnected"
     finally:
         r.close()

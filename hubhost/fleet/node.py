@@ -198,6 +198,21 @@ class FleetNode:
             return None
         return self.fence_deadline
 
+    def devices_fenced(self, devs: set[str]) -> None:
+        """A worker stopped these devices at the fence: they are not running any more."""
+        self.running -= devs
+        self.ready = False
+        self._wake.set()
+
+    def movable_in(self, devices: Any) -> list[str]:
+        return [d for d in devices if self.fc.movable(d)]
+
+    @property
+    def fence_grace(self) -> float:
+        """How long a worker's loop has to stop its movable devices at the fence before its
+        heartbeat thread ends the process instead."""
+        return min(0.25, self.ttl / 12)
+
     def known_extra(self, slot: Any) -> dict[str, Any]:
         """Devices of a driver that have a store in Redis count as seen before (no `added`)."""
         return {d.id: {"label": d.label, "config": d.config} for d in slot.cfg.devices
@@ -593,8 +608,9 @@ class FleetNode:
 
     def _send_fence(self) -> None:
         for w in self.sup.workers.values():
-            if w.alive and any(self.fc.movable(d) for d in w.devices):
-                w.send(["fence", self.fence_deadline])
+            movable = self.movable_in(w.devices)
+            if w.alive and movable:
+                w.send(["fence", self.fence_deadline, movable])
 
     async def _mark_pinned_down(self) -> None:
         """The leader: pinned devices of hubs that are gone show `connected = false`."""

@@ -519,6 +519,19 @@ class WorkerHandle:
         if self.sup.functions is not None:
             self.sup.functions.exec_done(self, msg)
 
+    def _h_fenced(self, msg: list[Any], blob: bytes) -> None:
+        """The worker stopped movable devices itself at the fleet fence (fleet mode)."""
+        import dataclasses
+        slot = self._slot(msg[1])
+        devs = {d for d in msg[2] if isinstance(d, str)} if isinstance(msg[2], list) else set()
+        if self.sup.fleet is None or not devs:
+            return
+        devs = {d for d in devs if self.sup.fleet.fc.movable(d)}   # pinned ones are not its to stop
+        slot.cfg = dataclasses.replace(slot.cfg, devices=[d for d in slot.cfg.devices if d.id not in devs],
+                                       elsewhere=tuple(dict.fromkeys((*slot.cfg.elsewhere, *sorted(devs)))))
+        self.devices = {dev.id: s.id for s in self.slots.values() for dev in s.cfg.devices}
+        self.sup.fleet.devices_fenced(devs)
+
     def _h_answer(self, msg: list[Any], blob: bytes) -> None:
         fut = self._queries.get(msg[1])
         if fut is not None and not fut.done():
@@ -628,6 +641,8 @@ class Supervisor:
             "driver_levels": {s.id: s.log_level for s in w.slots.values() if s.log_level is not None},
             "api": {k: api.get(k) for k in ("exec_timeout", "driver_level", "driver_levels") if k in api},
             "fence": self.fence_for(w),
+            "movable": self.fleet.movable_in(w.devices) if self.fleet is not None else [],
+            "fence_grace": self.fleet.fence_grace if self.fleet is not None else 0.25,
         }
 
     def fence_for(self, w: WorkerHandle) -> float | None:

@@ -198,12 +198,13 @@ class DriverSlot:
         self._save_known_devices(known)
 
     async def change_devices(self, add: list[tuple[DeviceInfo, Any, bool]], release: list[str],
-                             elsewhere: tuple[str, ...]) -> str | None:
+                             elsewhere: tuple[str, ...], flush: bool = True) -> str | None:
         """Fleet mode: devices move between hubs without restarting the driver. Released
         devices stop (their links are closed when this returns) and keep their store; added
         ones get the store they bring (from Redis), then `added` (if new) and `init`. The
-        store is flushed before this returns, so a released device's persistent_store has
-        reached the supervisor. Returns None, or why it could not be done (then the
+        store is flushed before this returns (unless `flush` is false: fencing, when the
+        supervisor may not answer), so a released device's persistent_store has reached the
+        supervisor. Returns None, or why it could not be done (then the
         supervisor restarts the driver instead)."""
         rt = self.rt
         if rt is None or self.actor is None or self.state != "running":
@@ -218,7 +219,7 @@ class DriverSlot:
                     rt.put_device_store(info.id, store)
                 rt.start_device(info, is_new)
             b = DatastoreBinding.of(rt)
-            if b is not None and b.store is not None:
+            if flush and b is not None and b.store is not None:
                 b.flush_now()
 
         gone = set(release)

@@ -14,12 +14,14 @@ What crosses to the supervisor (all framed by channel.py, batched per loop itera
   ds_load / ds_write / ds_quarantine             the datastore file (blob = JSON snapshot)
   call / sub / unsub                             the driver calls or watches another device
   exec_done, answer                              replies
+  fenced      driver, [device]                   fleet: movable devices it stopped at the fence
   hb          overdue, loop_lag                  from the heartbeat thread, every 0.1 s
   mem         {driver: lua bytes}, {driver: [handler histograms, faults]}
                                                  once a second (stats only of drivers whose
                                                  numbers moved; hubhost/metrics.py)
-and from it: exec, call_done, deliver, stop, crash, query, fence (fleet mode: how long the
-worker may drive movable devices; see fenced_exit), and replies to ds_*.
+and from it: exec, call_done, deliver, stop, crash, query (`devices`: fleet moves add and
+release devices of a running driver), fence (fleet mode: until when the worker may drive its
+movable devices; see set_fence), and replies to ds_*.
 """
 
 from __future__ import annotations
@@ -356,6 +358,10 @@ class Worker:
         # fleet mode, a worker that drives movable devices: the monotonic time until which
         # it may (the supervisor extends it after each lease renewal); past it, it exits
         self.fence: float | None = spec.get("fence")
+        self.fence_grace: float = float(spec.get("fence_grace", 0.25))
+        self.movable: set[str] = set(spec.get("movable", ()))
+        self.fenced_at: float | None = None    # the deadline whose fencing has completed
+        self._fence_timer: asyncio.TimerHandle | None = None
         self.tick = time.monotonic()
         self.done = asyncio.Event()
         self._queries = {"link": self._q_link}
@@ -390,8 +396,9 @@ class Worker:
         n = 0
         while not self.done.is_set():
             now = time.monotonic()
-            if self.fence is not None and now > self.fence:
-                fenced_exit()
+            f = self.fence
+            if f is not None and now > f + self.fence_grace and self.fenced_at != f:
+                fenced_exit()   # the loop did not stop the movable devices in time
             overdue = -1.0
             for cell, _rt in list(self.cells.values()):
                 d = cell.value
@@ -472,7 +479,7 @@ class Worker:
                 result = {"error": str(e)}
             self.up.send(["answer", msg[1], result])
         elif kind == "fence":
-            self.fence = float(msg[1]) if msg[1] is not None else None
+            self.set_fence(float(msg[1]) if msg[1] is not None else None, msg[2] if len(msg) > 2 else None)
         elif kind == "log_level":
             if self.log_handler is not None:
                 self.log_handler.set_levels(int(msg[1]), msg[2] if len(msg) > 2 else {})
@@ -510,6 +517,44 @@ class Worker:
         else:
             self.up.send(["exec_done", cid, True, text])
 
+    # -- fleet fencing --------------------------------------------------------------------
+    def set_fence(self, deadline: float | None, movable: list[str] | None = None) -> None:
+        """Until `deadline` (monotonic) this worker may drive its movable devices; past it,
+        it stops them itself (the pinned ones run on), and if its loop cannot do that within
+        `fence_grace`, the heartbeat thread ends the process."""
+        self.fence = deadline
+        if movable is not None:
+            self.movable = set(movable)
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+            self._fence_timer = None
+        if deadline is not None:
+            self._fence_timer = self.loop.call_at(deadline, self._enforce_fence)
+
+    def _enforce_fence(self) -> None:
+        self._fence_timer = None
+        deadline = self.fence
+        if deadline is None or time.monotonic() < deadline:
+            return
+        self.host.spawn(self._fence_devices(deadline))
+
+    async def _fence_devices(self, deadline: float) -> None:
+        jobs = []
+        for slot in self.host.slots.values():
+            devs = [d.id for d in slot.cfg.devices if d.id in self.movable]
+            if devs:
+                log.warning("[%s] stopping %s: this hub could not renew its fleet leases in time",
+                            slot.id, ", ".join(devs))
+                jobs.append(self._fence_slot(slot, devs))
+        if jobs:
+            await asyncio.gather(*jobs)
+        if self.fence == deadline:
+            self.fenced_at = deadline
+
+    async def _fence_slot(self, slot: DriverSlot, devs: list[str]) -> None:
+        await slot.change_devices([], devs, tuple(slot.cfg.elsewhere) + tuple(devs), flush=False)
+        self.up.send(["fenced", slot.id, devs])
+
     async def _q_devices(self, qid: int, driver_id: str, add: list[dict[str, Any]], release: list[str],
                          elsewhere: list[str]) -> None:
         slot = self.host.slots.get(driver_id)
@@ -517,6 +562,7 @@ class Worker:
             self.up.send(["answer", qid, f"no driver {driver_id!r} in this worker"])
             return
         infos = [(DeviceInfo(**a["info"]), a.get("store"), bool(a.get("new"))) for a in add]
+        self.movable |= {info.id for info, _, _ in infos}
         why = await slot.change_devices(infos, list(release), tuple(elsewhere))
         self.up.send(["answer", qid, why])
 
@@ -534,6 +580,8 @@ class Worker:
         self.loop.add_reader(self.ch.sock.fileno(), self.readable)
         threading.Thread(target=self.heartbeat, name="worker-heartbeat", daemon=True).start()
         ticker = self.loop.create_task(self._ticker())
+        if self.fence is not None:
+            self.set_fence(self.fence)
         await self.host.start()
         self.up.send(["started"])
         await self.done.wait()
@@ -571,7 +619,7 @@ def run_worker(fd: int) -> int:
         pass
 
     fence = spec.get("fence")
-    if fence is not None and time.monotonic() > fence:
+    if fence is not None and spec.get("movable") and time.monotonic() > fence:
         fenced_exit()   # its leases may be someone else's already: drive nothing
 
     async def amain() -> int:
