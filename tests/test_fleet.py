@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -236,6 +238,28 @@ def test_join_takes_its_share_and_a_graceful_stop_hands_over_at_once(
         assert r.get(f.keys.hub("c")) is None
         rec = json.loads(r.get(f.keys.hub("a")))
         assert rec["id"] == "a" and rec["serving"] is True and rec["config"]
+
+        # what an operator sees: hubs, the leader, owners and leases; a foreign config flagged
+        r.set(f.keys.hub("x"), json.dumps({**rec, "id": "x", "token": "t", "config": "0123456789ab",
+                                           "serving": False}), px=60000)
+        r.sadd(f.keys.hubs, "x")
+        out = subprocess.run([sys.executable, "-m", "hubhost", "fleet", "status", "--config", str(f.config)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        leader = r.get(f.keys.leader).split()[0]
+        assert f"leader {leader}" in out.stdout
+        lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.strip()}
+        assert "down" in lines["c"] and "serving" in lines["a" if leader != "a" else "b"]
+        assert "DIFFERS" in lines["x"] and "DIFFERS" not in lines["a"]
+        assert "differs from the leader's" in out.stderr
+        for d, h in f.leases(r).items():
+            assert lines[d].split()[3:5] == [h, h], lines[d]     # owner and lease holder
+        for d, h in f.pinned.items():
+            assert f"pinned:{h}" in lines[d]
+        js = json.loads(subprocess.run([sys.executable, "-m", "hubhost", "fleet", "status", "--json",
+                                        "--config", str(f.config)], capture_output=True, text=True,
+                                       timeout=30).stdout)
+        assert js["leader"] == leader and {h["id"] for h in js["hubs"]} == {"a", "b", "c", "x"}
     finally:
         r.close()
 

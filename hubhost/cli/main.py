@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Any]:
     """Commands contributed by other modules (API client, doctor), if present."""
     found = []
-    for mod_name in ("hubhost.api.client", "hubhost.cli.doctor"):
+    for mod_name in ("hubhost.api.client", "hubhost.cli.doctor", "hubhost.fleet.cli"):
         try:
             mod = __import__(mod_name, fromlist=["add_commands"])
         except ImportError:
