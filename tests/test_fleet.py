@@ -289,3 +289,61 @@ def test_redis_outage_stops_movable_devices_and_keeps_pinned_ones(
         assert {d: f.sims[d].connections for d in f.pinned} == pinned, "pinned devices never reconnected"
     finally:
         r.close()
+
+
+def test_a_system_index_is_never_seen_empty_or_half_written(fleet_redis: tuple[str, bool, Any]) -> None:
+    """1,000 changes of the hub that builds `system/S` (two builders handing over, the
+    index alternating between two versions) while a reader polls it: every read is one
+    whole version, never empty, never a mix."""
+    import asyncio
+
+    from hubhost.status.mirror import RedisMirror
+    from hubhost.status.store import StatusStore
+
+    url, cluster, _ = fleet_redis
+    a = {f"Display/{i}": f"disp-{i}" for i in range(1, 21)}
+    b = {**{f"Display/{i}": f"disp-{i}" for i in range(1, 11)}, **{f"Camera/{i}": f"cam-{i}" for i in range(1, 16)}}
+    seen: list[dict[str, str]] = []
+    stop = threading.Event()
+    reader_ready = threading.Event()
+    first = threading.Event()      # the index exists: from here on it must always be whole
+
+    def reader() -> None:
+        import redis
+        from redis.cluster import RedisCluster
+        c = RedisCluster.from_url(url, decode_responses=True) if cluster else \
+            redis.Redis.from_url(url, decode_responses=True)
+        reader_ready.set()
+        first.wait(20)
+        while not stop.is_set():
+            seen.append(c.hgetall("x:system/S"))
+        c.close()
+
+    async def builders() -> None:
+        ms = [RedisMirror(StatusStore(), url, "x:", cluster=cluster) for _ in range(2)]
+        for m in ms:
+            m.set_devices([])
+            await m.start()
+        ms[0].set_system_index("S", a)
+        await ms[0].wait_synced(10)
+        first.set()
+        for i in range(1000):
+            new, old = ms[(i + 1) % 2], ms[i % 2]
+            old.forget_system("S")                       # the old builder lets go ...
+            new.set_system_index("S", b if i % 2 == 0 else a)   # ... the HRW winner writes it
+            if i % 50 == 0:
+                await new.wait_synced(10)
+            await asyncio.sleep(0)
+        for m in ms:
+            await m.wait_synced(10)
+            await m.stop()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    reader_ready.wait(10)
+    asyncio.run(builders())
+    stop.set()
+    t.join(10)
+    assert len(seen) > 100
+    bad = [s for s in seen if s != a and s != b]
+    assert not bad, f"{len(bad)} reads saw neither version, e.g. {bad[0]}"
