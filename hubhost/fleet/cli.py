@@ -50,8 +50,8 @@ def read_status(cfg: Any, r: Any) -> dict[str, Any]:
     hubs = []
     for h in ids:
         rec = recs.get(h)
-        if rec is None:
-            hubs.append({"id": h, "live": False})
+        if rec is None or rec.get("left"):
+            hubs.append({"id": h, "live": False, "left": bool(rec and rec.get("left"))})
             continue
         hubs.append({"id": h, "live": True, "serving": bool(rec.get("serving")), "ready": bool(rec.get("ready")),
                      "epoch": rec.get("epoch"), "weight": rec.get("weight"), "tags": rec.get("tags", []),
@@ -110,7 +110,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = [["HUB", "STATE", "READY", "EPOCH", "WEIGHT", "TAGS", "AGE", "CONFIG"]]
     for h in st["hubs"]:
         if not h["live"]:
-            rows.append([h["id"], "down", "-", "-", "-", "-", "-", "-"])
+            rows.append([h["id"], "left" if h.get("left") else "down", "-", "-", "-", "-", "-", "-"])
             continue
         state = ("leader" if h["leader"] else "serving") if h["serving"] else "starting/stopping"
         rows.append([h["id"], state, "yes" if h["ready"] else "no", str(h["epoch"]), f"{h['weight']:g}",

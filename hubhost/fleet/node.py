@@ -185,7 +185,12 @@ class FleetNode:
         self._wake = asyncio.Event()
         self._renew_now = asyncio.Event()
         self.registered = False
+        self.renewals = 0
+        # per other hub: (seq, when this hub saw it change, token, devices it drove)
+        self.seen: dict[str, tuple[Any, float, Any, set[str]]] = {}
+        self.left: set[str] = set()        # hubs whose last word was a graceful leave
         self._task: asyncio.Task | None = None
+        self._renew_task: asyncio.Task | None = None
         self._stopping = False
         self.systems = _systems(full)
         self.driver_of = _drivers_of(full)
@@ -322,31 +327,38 @@ class FleetNode:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="hubhost-fleet")
 
     def stopping(self, sup: Any = None) -> None:
-        """The hub is stopping: take no more devices; the leases go after the final flush."""
+        """The hub is stopping: take and hand over nothing more (the supervisor stops every
+        driver now); the registration and the leases stay renewed until the final flush."""
         self._stopping = True
         self.serving = False
         self.ready = False
         if self._task is not None:
             self._task.cancel()
+        self._renew_now.set()     # tell the fleet at once that this hub is leaving
 
     async def shutdown(self, sup: Any = None) -> None:
         """After the drivers stopped and flushed: the stores are in Redis, so let go of the
-        leases and the registration; the other hubs take over at their next tick."""
-        if self._task is not None:
-            try:
-                await self._task
-            except BaseException:  # noqa: BLE001 - cancelled
-                pass
+        leases; the registration becomes a short tombstone saying the hub left (so nobody
+        waits for it to fence); the other hubs take over at their next tick."""
+        for t in (self._task, self._renew_task):
+            if t is not None:
+                t.cancel()
+                try:
+                    await t
+                except BaseException:  # noqa: BLE001 - cancelled
+                    pass
         pending = [t for t in self.writes.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
         k = self.keys
         try:
-            for dev_id in sorted(self.held):
-                await self.redis.eval(_RELEASE, 1, k.lease(dev_id), self.lease_val)
             cur = await self.redis.get(k.hub(self.hub_id))
             if cur and _record(cur).get("token") == self.token:
-                await self.redis.delete(k.hub(self.hub_id))
+                self.running = set()
+                rec = {**orjson.loads(self._record_json()), "left": True}
+                await self.redis.set(k.hub(self.hub_id), orjson.dumps(rec), px=self.ttl_ms)
+            for dev_id in sorted(self.held):
+                await self.redis.eval(_RELEASE, 1, k.lease(dev_id), self.lease_val)
             await self.redis.eval(_RELEASE, 1, k.leader, self.lease_val)
             log.info("fleet: hub %s left fleet %s (%d lease%s handed over)", self.hub_id, self.fc.id,
                      len(self.held), "" if len(self.held) == 1 else "s")
@@ -362,15 +374,13 @@ class FleetNode:
     async def run(self) -> None:
         """Until the hub stops: renew on one task (never held up by a slow hand-over),
         read the fleet, lead, take and hand over on this one."""
-        renew = asyncio.get_running_loop().create_task(self._renew_loop(), name="hubhost-fleet-renew")
-        try:
-            await self._reconcile_loop()
-        finally:
-            renew.cancel()
+        self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop(),
+                                                                  name="hubhost-fleet-renew")
+        await self._reconcile_loop()
 
     async def _renew_loop(self) -> None:
         period = min(self.ttl / 3, MAX_TICK)
-        while not self._stopping:
+        while True:
             t0 = time.monotonic()
             ok = False
             try:
@@ -437,7 +447,7 @@ class FleetNode:
             "id": self.hub_id, "weight": self.me.weight, "tags": sorted(self.me.tags),
             "ready": self.ready, "epoch": self.epoch, "serving": self.serving,
             "config": self.fc.config_hash, "started": self.started, "token": self.token,
-            "devices": sorted(self.running)}).decode()
+            "devices": sorted(self.running), "seq": self.renewals}).decode()
 
     async def _renew(self, t0: float) -> bool:
         """Renew the registration and every lease in one script; extend the fence."""
@@ -456,6 +466,7 @@ class FleetNode:
             return False
         self.duplicate_logged = False
         self.registered = True
+        self.renewals += 1
         lost = {mine[int(i) - 1] for i in res[1:]}
         if time.monotonic() > self.fence_deadline and (self.held or self.running):
             self._fence()            # this renewal came too late to count for what ran
@@ -482,7 +493,17 @@ class FleetNode:
         # the fleet as it is now
         ids = sorted(await r.smembers(k.hubs))
         raw = await r.mget([k.hub(h) for h in ids]) if ids else []
-        self.hubs = {h: _record(v) for h, v in zip(ids, raw) if v}
+        recs = {h: _record(v) for h, v in zip(ids, raw) if v}
+        self.hubs = {h: rec for h, rec in recs.items() if not rec.get("left")}
+        now = time.monotonic()
+        for h, rec in recs.items():
+            prev = self.seen.get(h)
+            if prev is None or prev[0] != rec.get("seq") or prev[2] != rec.get("token"):
+                self.seen[h] = (rec.get("seq"), now, rec.get("token"), set(rec.get("devices") or ()))
+            if rec.get("left"):
+                self.left.add(h)
+            else:
+                self.left.discard(h)
         self.leader = lease_holder(await r.get(k.leader))
         epoch = int(await r.get(k.epoch) or 0)
         serving = [rec for rec in self.hubs.values() if rec.get("serving")]
@@ -520,6 +541,8 @@ class FleetNode:
         got: list[str] = []
         fresh = self.registered and time.monotonic() + SETTLING_TICK < self.fence_deadline
         for dev_id in sorted(take) if fresh else ():
+            if self._maybe_driven_elsewhere(dev_id):
+                continue
             if await r.set(k.lease(dev_id), self.lease_val, nx=True, px=self.ttl_ms):
                 self.fence_no[dev_id] = int(await r.incr(k.fence(dev_id)))
                 await self._load_store(dev_id)
@@ -535,6 +558,23 @@ class FleetNode:
             self.ready = True
             self._renew_now.set()    # tell the fleet at once
         return settled
+
+    def _maybe_driven_elsewhere(self, dev_id: str) -> bool:
+        """A hub that vanished from the fleet without leaving may still drive devices (the
+        list its record publishes lags behind) until its own fence, FENCE_FRACTION of ttl
+        after its last renewal: when Redis lost its keys (a restart without persistence, a
+        failover that dropped writes), its leases and registration are gone long before
+        that. So take a device only once the last renewal this hub saw from every such hub
+        is that long ago. A hub that died has been gone for a whole ttl by then (no delay);
+        one that left said so (no delay); one that is merely cut off from Redis comes back
+        meanwhile, and keeps what HRW gives it."""
+        now = time.monotonic()
+        for h, (_seq, changed, _token, devices) in self.seen.items():
+            if h == self.hub_id or h in self.hubs or h in self.left:
+                continue
+            if now < changed + self.ttl * FENCE_FRACTION + self.fence_grace + MAX_TICK:
+                return True
+        return False
 
     def _movable(self) -> dict[str, tuple[str, ...]]:
         fc = self.fc
