@@ -152,6 +152,110 @@ class RedisClusterNodes:
         return RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=5)
 
 
+class ReplicatedCluster(RedisClusterNodes):
+    """Three primaries, each with one replica (`replicas[i]` follows `nodes[i]`)."""
+
+    def __init__(self, nodes: list[RedisServer], replicas: list[RedisServer]) -> None:
+        super().__init__(nodes)
+        self.replicas = replicas
+
+    def primary_of(self, key: str) -> int:
+        """Index of the primary that serves `key` now."""
+        import redis
+
+        c = redis.Redis(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=5)
+        try:
+            slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
+        finally:
+            c.close()
+        for i, n in enumerate(self.nodes):
+            cc = redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=5)
+            try:
+                for entry in cc.execute_command("CLUSTER", "SLOTS"):
+                    if entry[0] <= slot <= entry[1] and int(entry[2][1]) == n.port:
+                        return i
+            finally:
+                cc.close()
+        raise LookupError(f"no primary serves slot {slot}")
+
+    def failover(self, i: int, timeout: float = 20.0) -> None:
+        """CLUSTER FAILOVER on the replica of primary i (coordinated: no write lost), then
+        wait until it serves the slots and the cluster is ok again."""
+        import redis
+
+        rep = redis.Redis(host="127.0.0.1", port=self.replicas[i].port, socket_timeout=5)
+        try:
+            rep.execute_command("CLUSTER", "FAILOVER")
+            deadline = time.monotonic() + timeout
+            while rep.info("replication").get("role") != "master":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the replica did not take over")
+                time.sleep(0.02)
+            while b"cluster_state:ok" not in rep.execute_command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the cluster did not settle after the failover")
+                time.sleep(0.02)
+        finally:
+            rep.close()
+        self.nodes[i], self.replicas[i] = self.replicas[i], self.nodes[i]
+
+
+def _cluster_nodes(tmp_path: Path, n: int, binary: str) -> tuple[list[RedisServer], list[int]]:
+    nodes, bus_ports = [], []
+    for i in range(n):
+        workdir = tmp_path / f"cluster{i}"
+        workdir.mkdir()
+        # The bus defaults to port + 10000, which may be taken or above 65535.
+        bus_ports.append(_free_port())
+        node = RedisServer(binary, workdir, extra_args=(
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-port", str(bus_ports[-1]), "--cluster-node-timeout", "2000"))
+        node.start()
+        nodes.append(node)
+    return nodes, bus_ports
+
+
+@pytest.fixture
+def redis_cluster_replicated(tmp_path: Path) -> Iterator[ReplicatedCluster]:
+    """A Redis Cluster of 3 primaries with one replica each (for failover tests)."""
+    import redis
+
+    binary = _redis_binary()
+    nodes: list[RedisServer] = []
+    try:
+        nodes, bus = _cluster_nodes(tmp_path, 6, binary)
+        clients = [redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=5) for n in nodes]
+        step = 16384 // 3
+        for i in range(3):
+            last = 16383 if i == 2 else (i + 1) * step - 1
+            clients[i].execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+        for n, b in zip(nodes[1:], bus[1:]):
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, b)
+        ids = [c.execute_command("CLUSTER", "MYID").decode() for c in clients]
+        deadline = time.monotonic() + 30
+        for i in range(3):
+            while True:   # the replica must know its primary before it can follow it
+                try:
+                    clients[3 + i].execute_command("CLUSTER", "REPLICATE", ids[i])
+                    break
+                except redis.ResponseError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        while not (all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients)
+                   and all(c.info("replication").get("master_link_status") == "up"
+                           for c in clients[3:])):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replicated cluster did not come up in 30 s")
+            time.sleep(0.05)
+        for c in clients:
+            c.close()
+        yield ReplicatedCluster(nodes[:3], nodes[3:])
+    finally:
+        for node in nodes:
+            node.stop(signal.SIGKILL)
+
+
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
     """A 3-node Redis Cluster built with CLUSTER ADDSLOTSRANGE/MEET (quicker than redis-cli)."""

@@ -385,3 +385,28 @@ def test_a_redis_restart_that_loses_every_key(single_redis: tuple[str, bool, Any
         assert f.double_driven() == {}
     finally:
         r.close()
+
+
+def test_a_cluster_primary_failover_under_a_running_fleet(redis_cluster_replicated: Any, fleet: Any) -> None:
+    """`CLUSTER FAILOVER` of the primary that holds the fleet's keys (and then of every
+    other primary) while the hubs run and devices change status: ownership holds or comes
+    back, nothing is driven twice, and `status/` equals each owner's memory within 2 s."""
+    cl = redis_cluster_replicated
+    f: Fleet = fleet(cl.url, True)
+    r = f.client(cl.url)
+    try:
+        for h in f.hub_ids:
+            f.start(h)
+        f.wait_settled(r, list(f.hub_ids), 40)
+        first = cl.primary_of(f.keys.hub("a"))
+        for i in [first] + [j for j in range(3) if j != first]:
+            cl.failover(i)
+            for d in f.movable[:3]:      # status changes during and after the failover
+                owner = f.leases(r)[d]
+                if owner is not None:
+                    f.procs[owner].api("POST", f"/api/v1/devices/{d}/functions/count", {"by": 1})
+        f.wait_settled(r, list(f.hub_ids), 20)
+        assert f.double_driven() == {}
+        wait(lambda: _memory_equals_redis(f, r), 2.0, "status/ equals each owner's memory", f)
+    finally:
+        r.close()
