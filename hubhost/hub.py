@@ -47,6 +47,10 @@ def install_mirror(sup: Supervisor) -> None:
     sup.mirror = mirror
     devices = [dev.id for d in sup.config.drivers for dev in d.devices]
     mirror.set_devices(devices)
+    if sup.fleet is not None:     # replicas of devices driven elsewhere are never written back
+        for d in sup.fleet.driver_of:
+            if d not in devices:
+                mirror.release_device(d)
     if sup.fleet is None:      # in a fleet, each system's index has one builder (fleet/node.py)
         for system_id, mapping in device_systems(sup.config).items():
             mirror.set_system_index(system_id, mapping)

@@ -410,3 +410,63 @@ def test_a_cluster_primary_failover_under_a_running_fleet(redis_cluster_replicat
         wait(lambda: _memory_equals_redis(f, r), 2.0, "status/ equals each owner's memory", f)
     finally:
         r.close()
+
+
+def test_subscriptions_follow_a_device_that_moves(single_redis: tuple[str, bool, Any], fleet: Any) -> None:
+    """A WebSocket client of one hub, bound by system/module/index to a device another hub
+    drives, gets its changes; when the device's hub dies and the device moves on, the same
+    subscription gets the changes its new owner makes."""
+    import asyncio
+
+    import aiohttp
+
+    url, cluster, _ = single_redis
+    f: Fleet = fleet(url, cluster)
+    r = f.client(url)
+    try:
+        for h in f.hub_ids:
+            f.start(h)
+        f.wait_settled(r, list(f.hub_ids), 40)
+        leases = f.leases(r)
+        watcher = "a"
+        dev = next(d for d, h in leases.items() if h != watcher)
+        index = list(f.sims).index(dev) + 1
+        owner = leases[dev]
+
+        async def scenario() -> list[Any]:
+            got: list[Any] = []
+            conn = aiohttp.UnixConnector(path=str(f.procs[watcher].state / "hubhost.sock"))
+            async with aiohttp.ClientSession(connector=conn) as s, s.ws_connect("http://hub/api/v1/ws") as ws:
+                await ws.send_json({"id": 1, "type": "bind", "sys": "S1", "mod": "Counter", "index": index,
+                                    "name": "calls"})
+
+                async def until(value: int, timeout: float) -> None:
+                    deadline = asyncio.get_running_loop().time() + timeout
+                    while not got or got[-1] != value:
+                        left = deadline - asyncio.get_running_loop().time()
+                        msg = await asyncio.wait_for(ws.receive_json(), max(left, 0.01))
+                        if msg.get("type") == "notify":
+                            got.append(msg["value"])
+
+                base = int(r.hget(f.keys.status(dev), "calls") or 0)
+                await until(base, 5)
+                code, res = await asyncio.to_thread(f.procs[owner].api, "POST",
+                                                    f"/api/v1/devices/{dev}/functions/count", {"by": 2})
+                assert code == 200, res
+                await until(base + 2, 5)
+                f.procs[owner].kill()
+                rest = [h for h in f.hub_ids if h != owner]
+                await asyncio.to_thread(f.wait_settled, r, rest, f.ttl + 5)
+                new_owner = f.leases(r)[dev]
+                code, res = await asyncio.to_thread(f.procs[new_owner].api, "POST",
+                                                    f"/api/v1/devices/{dev}/functions/count", {"by": 3})
+                assert code == 200 and res["result"]["calls"] == base + 5, res   # persistent_store moved too
+                await until(base + 5, 5)
+            return got
+
+        got = asyncio.run(scenario())
+        assert got[-1] == got[0] + 5
+        code, st = f.procs[watcher].api("GET", f"/api/v1/devices/{dev}/status")
+        assert code == 200 and st["calls"] == got[-1]
+    finally:
+        r.close()

@@ -436,7 +436,11 @@ class ApiServer:
                               ',"interface":' + self._interface_text(dev.id) + "}")
 
     async def device_status(self, request: web.Request) -> web.Response:
-        _, dev = self._find(request.match_info["id"])
+        device_id = request.match_info["id"]
+        fleet = getattr(self.sup, "fleet", None)
+        if fleet is not None and device_id in fleet.driver_of and self.functions.device_slot(device_id) is None:
+            return _json_response(self._status_text(device_id))   # driven elsewhere: the replica
+        _, dev = self._find(device_id)
         return _json_response(self._status_text(dev.id))
 
     async def device_metadata(self, request: web.Request) -> web.Response:
@@ -821,7 +825,7 @@ async def reload_config(sup: Any, only: set[str] | None = None) -> dict[str, Any
         logs = getattr(sup, "logs", None)
         if logs is not None:
             logs.forget(sup.slots)
-        systems = device_systems(new)
+        systems = device_systems(fleet.full if fleet is not None else new)
         functions: FunctionHost | None = getattr(sup, "functions", None)
         if functions is not None:
             functions.rebuild()
@@ -852,9 +856,16 @@ async def _reload_on_signal(sup: Any) -> None:
 
 # -- wiring ---------------------------------------------------------------------------------
 
+def _indexed_config(sup: Any) -> Any:
+    """The config whose systems this hub indexes: in a fleet, the shared one (a device on
+    another hub is still found by system/module/index)."""
+    fleet = getattr(sup, "fleet", None)
+    return fleet.full if fleet is not None else sup.config
+
+
 def subs_owned(sup: Any) -> list[str]:
     """Systems the running config defines (their index comes from the config, not Redis)."""
-    return [dev.system for d in sup.config.drivers for dev in d.devices if dev.system]
+    return [dev.system for d in _indexed_config(sup).drivers for dev in d.devices if dev.system]
 
 
 def install(sup: Any) -> None:
@@ -868,7 +879,7 @@ def install(sup: Any) -> None:
     functions = RoutedFunctions(sup, subs, default_timeout=settings.exec_timeout,
                              driver_level=settings.driver_level, driver_levels=settings.driver_levels)
     functions.attach()
-    subs.set_index(device_systems(sup.config))
+    subs.set_index(device_systems(_indexed_config(sup)))
     server = ApiServer(sup, functions, subs, settings)
     sup.subscriptions = subs
     sup.functions = functions

@@ -191,6 +191,7 @@ class FleetNode:
         self.left: set[str] = set()        # hubs whose last word was a graceful leave
         self._task: asyncio.Task | None = None
         self._renew_task: asyncio.Task | None = None
+        self.feed: Any = None           # fleet/feed.py: status of devices driven elsewhere
         self._stopping = False
         self.systems = _systems(full)
         self.driver_of = _drivers_of(full)
@@ -324,6 +325,9 @@ class FleetNode:
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        from hubhost.fleet.feed import RemoteStatus
+        self.feed = RemoteStatus(self)
+        self.feed.start()
         self._task = asyncio.get_running_loop().create_task(self.run(), name="hubhost-fleet")
 
     def stopping(self, sup: Any = None) -> None:
@@ -347,6 +351,8 @@ class FleetNode:
                     await t
                 except BaseException:  # noqa: BLE001 - cancelled
                     pass
+        if self.feed is not None:
+            await self.feed.stop()
         pending = [t for t in self.writes.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
@@ -634,8 +640,8 @@ class FleetNode:
                     mirror.release_device(d)
             self.running = target
             await self.sup.apply_config(local_view(self.full, self.hub_id, target))
-            for d in released:
-                self.sup.status.clear_device(d)
+            # a released device's status stays in memory: from now on a replica of what its
+            # new owner publishes (fleet/feed.py)
             if mirror is not None:
                 mirror.set_devices([dev.id for drv in self.sup.config.drivers for dev in drv.devices])
                 publish = getattr(self.sup, "publish_interfaces", None)

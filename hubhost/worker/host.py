@@ -226,6 +226,9 @@ class DriverSlot:
         added = [info for info, _, _ in add]
         self.cfg = dataclasses.replace(self.cfg, devices=[d for d in self.cfg.devices if d.id not in gone]
                                        + added, elsewhere=elsewhere)
+        functions = getattr(self.sup, "functions", None)
+        if functions is not None:
+            functions.rebuild()      # exec checks which slot serves a device
         try:
             await self.actor.call(self.loop, run)
         except Exception as e:  # noqa: BLE001 - reported; the supervisor restarts the driver
