@@ -470,3 +470,30 @@ def test_subscriptions_follow_a_device_that_moves(single_redis: tuple[str, bool,
         assert code == 200 and st["calls"] == got[-1]
     finally:
         r.close()
+
+
+def test_a_hub_frozen_right_after_taking_devices_never_drives_them_twice(
+        single_redis: tuple[str, bool, Any], fleet: Any) -> None:
+    """The fence travels with the devices: a hub frozen the moment its worker started the
+    devices it just took (before any later renewal could reach the worker) still stops
+    them in time."""
+    url, cluster, _ = single_redis
+    f: Fleet = fleet(url, cluster)
+    r = f.client(url)
+    try:
+        f.start("a")
+        f.start("b")
+        f.wait_settled(r, ["a", "b"], 40)
+        c = f.start("c")
+        c.wait_for("devices changed while running: started", 20)
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        try:
+            f.wait_settled(r, ["a", "b"], f.ttl + 5)
+            time.sleep(1.0)
+            assert f.double_driven() == {}
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        f.wait_settled(r, ["a", "b", "c"], 20)
+        assert f.double_driven() == {}
+    finally:
+        r.close()

@@ -984,7 +984,8 @@ class Supervisor:
             seen = info.id in known or (self.fleet is not None and info.id in self.fleet.store_seen)
             payload.append({"info": dataclasses.asdict(info), "store": store, "new": not seen})
         try:
-            why = await w.query("devices", slot.id, payload, released, list(slot.cfg.elsewhere),
+            fence = self.fleet.fence_deadline if self.fleet is not None and added else None
+            why = await w.query("devices", slot.id, payload, released, list(slot.cfg.elsewhere), fence,
                                 timeout=SHUTDOWN_HANDLERS_BUDGET + 5.0)
         except asyncio.TimeoutError:
             why = "the worker did not answer in time"

@@ -397,7 +397,7 @@ class Worker:
         while not self.done.is_set():
             now = time.monotonic()
             f = self.fence
-            if f is not None and now > f + self.fence_grace and self.fenced_at != f:
+            if f is not None and now > f + self.fence_grace and self.fenced_at != f and self._drives_movable():
                 fenced_exit()   # the loop did not stop the movable devices in time
             overdue = -1.0
             for cell, _rt in list(self.cells.values()):
@@ -518,6 +518,10 @@ class Worker:
             self.up.send(["exec_done", cid, True, text])
 
     # -- fleet fencing --------------------------------------------------------------------
+    def _drives_movable(self) -> bool:
+        movable = self.movable
+        return any(d.id in movable for slot in list(self.host.slots.values()) for d in list(slot.cfg.devices))
+
     def set_fence(self, deadline: float | None, movable: list[str] | None = None) -> None:
         """Until `deadline` (monotonic) this worker may drive its movable devices; past it,
         it stops them itself (the pinned ones run on), and if its loop cannot do that within
@@ -556,13 +560,20 @@ class Worker:
         self.up.send(["fenced", slot.id, devs])
 
     async def _q_devices(self, qid: int, driver_id: str, add: list[dict[str, Any]], release: list[str],
-                         elsewhere: list[str]) -> None:
+                         elsewhere: list[str], fence: float | None = None) -> None:
         slot = self.host.slots.get(driver_id)
         if slot is None:
             self.up.send(["answer", qid, f"no driver {driver_id!r} in this worker"])
             return
         infos = [(DeviceInfo(**a["info"]), a.get("store"), bool(a.get("new"))) for a in add]
-        self.movable |= {info.id for info, _, _ in infos}
+        if infos:
+            # devices that arrive carry their fence: none may run without one
+            if fence is None or time.monotonic() >= fence:
+                self.up.send(["answer", qid, "the fleet lease of these devices has no time left"])
+                return
+            self.movable |= {info.id for info, _, _ in infos}
+            if self.fence is None or fence > self.fence:
+                self.set_fence(fence)
         why = await slot.change_devices(infos, list(release), tuple(elsewhere))
         self.up.send(["answer", qid, why])
 
