@@ -1,0 +1,210 @@
+"""Exec across hubs and the `hubhost.fleet` interface (issue 15, DESIGN section 8), on a real
+redis-server and on a real 3-primary Redis Cluster.
+
+The hubs here are real ExecServers whose `run` is a Python function that counts its calls
+(by a call number in the arguments), so "no call ran twice" is checked, not assumed; the
+ownership records are written as the membership code writes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hubhost.fleet as fleet_api
+from hubhost.fleet.execs import RUNNING, ExecClient, ExecServer
+from hubhost.fleet.keys import DONE_TTL_MS, EXEC_GROUP, FleetKeys, lease_value
+from hubhost.functions import ExecError, SystemRef
+from tests.hypo import examples
+
+PREFIX = "t:"
+KEYS = FleetKeys(PREFIX, "F")
+EXPLICIT = {"timeout", "moved", "unknown_device"}
+
+
+# -- the two backends ------------------------------------------------------------------------
+
+class Backend:
+    def __init__(self, kind: str, nodes: Any) -> None:
+        self.kind = kind
+        self.nodes = nodes           # RedisServer or RedisClusterNodes
+        self.cluster = kind == "cluster"
+        self.url = nodes.url
+
+    def aclient(self, socket_timeout: float = 5.0) -> Any:
+        if self.cluster:
+            from redis.asyncio.cluster import RedisCluster
+            return RedisCluster.from_url(self.url, decode_responses=True, socket_timeout=socket_timeout,
+                                         socket_connect_timeout=2)
+        return aioredis.Redis.from_url(self.url, decode_responses=True, socket_timeout=socket_timeout,
+                                       socket_connect_timeout=2)
+
+    def client(self) -> Any:
+        if self.cluster:
+            from redis.cluster import RedisCluster
+            return RedisCluster.from_url(self.url, decode_responses=True, socket_timeout=5)
+        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=5)
+
+    def subscriber(self) -> redis.Redis:
+        """A plain connection for SUBSCRIBE: a cluster delivers PUBLISH to every node."""
+        port = self.nodes.nodes[0].port if self.cluster else self.nodes.port
+        return redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5)
+
+
+@pytest.fixture(params=["single", "cluster"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    name = "redis_server" if request.param == "single" else "redis_cluster"
+    yield Backend(request.param, request.getfixturevalue(name))
+
+
+# -- ownership records, as the membership code writes them -----------------------------------
+
+def register(r: Any, hub: str, ttl_ms: int = 60_000) -> None:
+    rec = {"id": hub, "weight": 1, "tags": [], "ready": True, "epoch": 1, "config": "x",
+           "started": time.time(), "token": "tok-" + hub}
+    r.set(KEYS.hub(hub), orjson.dumps(rec), px=ttl_ms)
+    r.sadd(KEYS.hubs, hub)
+
+
+def unregister(r: Any, hub: str) -> None:
+    """What an expired registration looks like."""
+    r.delete(KEYS.hub(hub))
+
+
+def put_device(r: Any, dev: str, *, pinned: str | None = None, lease: str | None = None) -> None:
+    r.hset(KEYS.devices, dev, orjson.dumps({"driver": "drv", "hub": pinned, "needs": []}))
+    if lease is not None:
+        r.set(KEYS.lease(dev), lease_value(lease, "tok-" + lease), px=60_000)
+    else:
+        r.delete(KEYS.lease(dev))
+
+
+class Hub:
+    """A hub as exec sees it: an ExecServer whose run records every call it starts."""
+
+    def __init__(self, backend: Backend, hub_id: str, owned: set[str], ran: collections.Counter,
+                 delay: float = 0.0, fail: Callable[[str, Any], None] | None = None) -> None:
+        self.id = hub_id
+        self.owned = owned
+        self.ran = ran
+        self.delay = delay
+        self.fail = fail
+        self.redis = backend.aclient()
+        self.server = ExecServer(self.redis, KEYS, hub_id, self.run, lambda d: d in self.owned,
+                                 block_ms=200)
+        self.task: asyncio.Task | None = None
+
+    async def run(self, device: str, function: str, args: Any, level: str, timeout: float) -> str:
+        n = args.get("n") if isinstance(args, dict) else None
+        self.ran[n] += 1
+        if self.fail is not None:
+            self.fail(function, args)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return orjson.dumps({"n": n, "hub": self.id, "device": device, "level": level}).decode()
+
+    def start(self) -> Hub:
+        self.task = self.server.start()
+        return self
+
+    async def crash(self) -> None:
+        """As kill -9: stop reading, drop the calls being run unanswered, close the sockets."""
+        tasks = [self.task, *self.server._tasks]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.redis.aclose()
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=2)
+        await self.redis.aclose()
+
+
+async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# -- basics ----------------------------------------------------------------------------------
+
+def test_exec_round_trip_and_error_codes(backend: Backend) -> None:
+    r = backend.client()
+    register(r, "A")
+    put_device(r, "d1", lease="A")
+    put_device(r, "p1", pinned="A")
+    r.hset(KEYS.system("S1"), mapping={"Display/1": "d1", "Display/2": "p1"})
+
+    def fail(function: str, args: Any) -> None:
+        if function == "boom":
+            raise ExecError("driver_error", "the projector said no")
+        if function == "nope":
+            raise ExecError("unknown_function", "device 'd1' has no function 'nope'")
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        hub = Hub(backend, "A", {"d1", "p1"}, ran, fail=fail).start()
+        ac = backend.aclient()
+        client = ExecClient(ac, KEYS, "caller")
+        try:
+            got = await client.exec("d1", "power", {"n": 1, "state": True}, level="support", timeout=5)
+            assert got == {"n": 1, "hub": "A", "device": "d1", "level": "support"}
+            got = await client.exec(("S1", "Display_2"), "power", {"n": 2})
+            assert got["device"] == "p1" and got["level"] == "administrator"
+            assert (await client.exec(SystemRef("S1", "Display", 1), "power", {"n": 3}))["device"] == "d1"
+            text = await client.exec_text("d1", "power", {"n": 4})
+            assert orjson.loads(text)["n"] == 4
+            with pytest.raises(ExecError) as e:
+                await client.exec("d1", "boom", {"n": 5})
+            assert (e.value.code, e.value.message) == ("driver_error", "the projector said no")
+            with pytest.raises(ExecError) as e:
+                await client.exec("d1", "nope", {"n": 6})
+            assert e.value.code == "unknown_function"
+            with pytest.raises(ExecError) as e:
+                await client.exec("ghost", "power", {"n": 7})
+            assert e.value.code == "unknown_device" and "'ghost'" in e.value.message
+            with pytest.raises(ExecError) as e:
+                await client.exec(("S1", "Switcher_1"), "power", {"n": 8})
+            assert e.value.code == "unknown_device" and "Display/1, Display/2" in e.value.message
+            with pytest.raises(ExecError) as e:
+                await client.exec(("S9", "Display_1"), "power", {"n": 9})
+            assert e.value.code == "unknown_device" and "'S9'" in e.value.message
+            assert ran == collections.Counter({1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1})
+            # answered, acknowledged and deleted: the stream stays empty, nothing pending
+            await wait_for(lambda: r.xlen(KEYS.exec_stream("A")) == 0, 5, "the stream to be trimmed")
+            assert r.xpending(KEYS.exec_stream("A"), EXEC_GROUP)["pending"] == 0
+            assert orjson.loads(r.get(KEYS.done("A", _any_done_id(r))))  # results are cached
+        finally:
+            await hub.stop()
+            await ac.aclose()
+
+    asyncio.run(main())
+
+
+def _any_done_id(r: Any) -> str:
+    """The request id of one cached result (a single node is enough to find one)."""
+    pattern = f"{PREFIX}{{hub:A}}:done:*"
+    if hasattr(r, "get_nodes"):
+        node = r.get_node_from_key(KEYS.done("A", "x"))
+        keys = r.keys(pattern, target_nodes=node)
+    else:
+        keys = r.keys(pattern)
+    assert keys, "no cached result"
+    return keys[0].rsplit(":", 1)[1]
