@@ -208,3 +208,167 @@ def _any_done_id(r: Any) -> str:
         keys = r.keys(pattern)
     assert keys, "no cached result"
     return keys[0].rsplit(":", 1)[1]
+
+
+# -- the owner's side, entry by entry --------------------------------------------------------
+
+def _entry(rid: str, reply: str, *, deadline_ms: int | None = None, n: int = 0, device: str = "d1") -> dict:
+    return {"id": rid, "device": device, "function": "power", "args": orjson.dumps({"n": n}).decode(),
+            "level": "support", "deadline": deadline_ms or int(time.time() * 1000) + 30_000,
+            "reply": reply}
+
+
+def _deliver_to(r: Any, hub: str) -> None:
+    """Read the stream as `hub`'s consumer (as a hub does just before it dies)."""
+    stream = KEYS.exec_stream(hub)
+    r.xreadgroup(EXEC_GROUP, hub, {stream: ">"}, count=100)
+
+
+def test_redelivered_requests_answered_from_cache_never_run_again(backend: Backend) -> None:
+    """A hub that died after caching (or while running) gets its pending entries again at
+    restart: the cached reply is pushed again; a running marker gets an explicit `timeout`;
+    a deadline that passed gets `timeout`; neither runs."""
+    r = backend.client()
+    stream = KEYS.exec_stream("A")
+    r.xgroup_create(stream, EXEC_GROUP, id="0", mkstream=True)
+    rep = {name: KEYS.reply("caller", name) for name in ("cached", "running", "late", "fresh")}
+    r.xadd(stream, _entry("cached", rep["cached"], n=1))
+    r.xadd(stream, _entry("running", rep["running"], n=2))
+    _deliver_to(r, "A")                     # both delivered to A, which then "died"
+    r.set(KEYS.done("A", "cached"), '{"ok":{"n":1,"from":"cache"}}', px=DONE_TTL_MS)
+    r.set(KEYS.done("A", "running"), RUNNING, px=DONE_TTL_MS)
+    r.xadd(stream, _entry("late", rep["late"], n=3, deadline_ms=int(time.time() * 1000) - 1))
+    r.xadd(stream, _entry("fresh", rep["fresh"], n=4))
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        hub = Hub(backend, "A", {"d1"}, ran).start()
+        try:
+            await wait_for(lambda: all(r.llen(k) for k in rep.values()), 5, "four replies")
+            assert orjson.loads(r.lpop(rep["cached"])) == {"ok": {"n": 1, "from": "cache"}}
+            got = orjson.loads(r.lpop(rep["running"]))
+            assert got["error"] == "timeout" and "may have run" in got["message"]
+            got = orjson.loads(r.lpop(rep["late"]))
+            assert got["error"] == "timeout" and "deadline passed" in got["message"]
+            assert orjson.loads(r.lpop(rep["fresh"]))["ok"]["n"] == 4
+            assert ran == collections.Counter({4: 1}), "only the fresh call may run"
+            assert r.ttl(rep["fresh"]) in (-2, *range(1, 61))
+            assert r.xpending(stream, EXEC_GROUP)["pending"] == 0
+            await wait_for(lambda: r.xlen(stream) == 0, 5, "the stream to be emptied")
+            # the same request id again (a caller that re-sent it): answered, not run
+            r.xadd(stream, _entry("fresh", rep["fresh"], n=4))
+            await wait_for(lambda: r.llen(rep["fresh"]), 5, "the repeated reply")
+            assert orjson.loads(r.lpop(rep["fresh"]))["ok"]["n"] == 4
+            assert ran[4] == 1
+        finally:
+            await hub.stop()
+
+    asyncio.run(main())
+
+
+def test_expired_deadline_never_runs_through_the_client(backend: Backend) -> None:
+    """A call that waits in the stream past its deadline (its owner busy) is answered
+    `timeout` and never run."""
+    r = backend.client()
+    register(r, "A")
+    put_device(r, "d1", lease="A")
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        hub = Hub(backend, "A", {"d1"}, ran, delay=0.5)
+        hub.server = ExecServer(hub.redis, KEYS, "A", hub.run, lambda d: True, concurrency=1, block_ms=200)
+        hub.start()
+        ac = backend.aclient()
+        client = ExecClient(ac, KEYS, "caller")
+        try:
+            slow = asyncio.ensure_future(client.exec("d1", "power", {"n": 1}, timeout=5))
+            await wait_for(lambda: ran[1] == 1, 5, "the first call to start")
+            with pytest.raises(ExecError) as e:
+                await client.exec("d1", "power", {"n": 2}, timeout=0.2)
+            assert e.value.code == "timeout"
+            assert (await slow)["n"] == 1
+            # the expired one was answered by the hub too (not left in the stream), unrun
+            await wait_for(lambda: hub.server.answered >= 2, 5, "the expired entry's answer")
+            assert ran == collections.Counter({1: 1})
+        finally:
+            await hub.stop()
+            await ac.aclose()
+
+    asyncio.run(main())
+
+
+def test_moved_is_retried_once_at_the_new_owner(backend: Backend) -> None:
+    r = backend.client()
+    register(r, "A")
+    register(r, "B")
+    put_device(r, "d1", lease="A")
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        a = Hub(backend, "A", set(), ran).start()      # A lost d1: it answers `moved`
+        b = Hub(backend, "B", {"d1"}, ran).start()
+        ac = backend.aclient()
+        client = ExecClient(ac, KEYS, "caller")
+        try:
+            assert (await client.owner("d1")).hub == "A"       # cached: A
+            put_device(r, "d1", lease="B")                     # the move, after the lookup
+            got = await client.exec("d1", "power", {"n": 1})
+            assert got["hub"] == "B" and ran == collections.Counter({1: 1})
+            # moved twice (B loses it too, to A which does not have it): `moved`, nothing ran
+            b.owned.clear()
+            put_device(r, "d1", lease="A")
+            client._owners["d1"] = (await client.owner("d1", fresh=True))
+            put_device(r, "d1", lease="B")
+            with pytest.raises(ExecError) as e:
+                await client.exec("d1", "power", {"n": 2})
+            assert e.value.code == "moved" and "'d1'" in e.value.message
+            assert ran[2] == 0
+        finally:
+            await a.stop()
+            await b.stop()
+            await ac.aclose()
+
+    asyncio.run(main())
+
+
+def test_unread_request_of_a_dead_owner_goes_to_the_new_owner(backend: Backend) -> None:
+    """Owner A's registration vanishes while the call sits unread in its stream: the caller
+    takes it back (atomically, only if A never read it) and the new owner B runs it once.
+    One A did read is waited for until the deadline: `timeout`, saying it may have run."""
+    r = backend.client()
+    register(r, "A")
+    register(r, "B")
+    put_device(r, "d1", lease="A")
+    r.xgroup_create(KEYS.exec_stream("A"), EXEC_GROUP, id="0", mkstream=True)
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        b = Hub(backend, "B", {"d1"}, ran).start()
+        ac = backend.aclient()
+        client = ExecClient(ac, KEYS, "caller", slice_s=0.05)
+        try:
+            call = asyncio.ensure_future(client.exec("d1", "power", {"n": 1}, timeout=10))
+            await wait_for(lambda: r.xlen(KEYS.exec_stream("A")) == 1, 5, "the call in A's stream")
+            unregister(r, "A")
+            put_device(r, "d1", lease="B")
+            got = await asyncio.wait_for(call, 5)
+            assert got["hub"] == "B" and ran == collections.Counter({1: 1})
+            assert r.xlen(KEYS.exec_stream("A")) == 0, "the unread request stays nowhere"
+
+            register(r, "A")
+            put_device(r, "d1", lease="A")
+            client = ExecClient(ac, KEYS, "caller2", slice_s=0.05)     # nothing cached
+            call = asyncio.ensure_future(client.exec("d1", "power", {"n": 2}, timeout=1.0))
+            await wait_for(lambda: r.xlen(KEYS.exec_stream("A")) == 1, 5, "the second call in A's stream")
+            _deliver_to(r, "A")                  # A read it, then died
+            unregister(r, "A")
+            put_device(r, "d1", lease="B")
+            with pytest.raises(ExecError) as e:
+                await asyncio.wait_for(call, 5)
+            assert e.value.code == "timeout" and "may have run" in e.value.message
+            assert ran[2] == 0, "a delivered request is never sent to a second owner"
+        finally:
+            await b.stop()
+            await ac.aclose()
+
+    asyncio.run(main())
