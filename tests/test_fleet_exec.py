@@ -119,10 +119,8 @@ class Hub:
 
     async def crash(self) -> None:
         """As kill -9: stop reading, drop the calls being run unanswered, close the sockets."""
-        tasks = [self.task, *self.server._tasks]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.server.abort()
+        assert self.task.done(), "the server still reads after abort()"
         await self.redis.aclose()
 
     async def stop(self) -> None:
@@ -372,3 +370,147 @@ def test_unread_request_of_a_dead_owner_goes_to_the_new_owner(backend: Backend) 
             await ac.aclose()
 
     asyncio.run(main())
+
+
+# -- traffic with failures -------------------------------------------------------------------
+
+async def _traffic(backend: Backend, total: int, clients: int, per_client: int, devices: list[str],
+                   timeout: float, outcomes: dict[int, tuple[str, Any]], done: list[int]) -> None:
+    """`total` calls from `clients` ExecClients, `per_client` at a time each; every outcome is
+    recorded by call number."""
+    acs = [backend.aclient() for _ in range(clients)]
+
+    async def one(client: ExecClient, n: int, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            try:
+                got = await client.exec(devices[n % len(devices)], "power", {"n": n}, timeout=timeout)
+                assert got["n"] == n, f"call {n} got the answer of call {got['n']}"
+                outcomes[n] = ("ok", got["hub"])
+            except ExecError as e:
+                outcomes[n] = ("error", e.code)
+            done.append(n)
+
+    try:
+        tasks = []
+        for i, ac in enumerate(acs):
+            client = ExecClient(ac, KEYS, f"client{i}", slice_s=0.1)
+            gate = asyncio.Semaphore(per_client)
+            tasks += [one(client, n, gate) for n in range(i, total, clients)]
+        await asyncio.gather(*tasks)
+    finally:
+        for ac in acs:
+            await ac.aclose()
+
+
+def _check_outcomes(outcomes: dict[int, tuple[str, Any]], ran: collections.Counter, total: int,
+                    max_errors: int) -> None:
+    assert sorted(outcomes) == list(range(total)), "every call returns"
+    twice = {n: c for n, c in ran.items() if c > 1}
+    assert not twice, f"calls that ran more than once: {twice}"
+    errors = collections.Counter(code for kind, code in outcomes.values() if kind == "error")
+    assert set(errors) <= EXPLICIT, f"unexpected error codes: {errors}"
+    assert sum(errors.values()) <= max_errors, f"too many errors: {errors}"
+    for n, (kind, _hub) in outcomes.items():
+        if kind == "ok":
+            assert ran[n] == 1, f"call {n} answered ok but ran {ran[n]} times"
+
+
+def test_thousand_calls_with_an_owner_killed_midway(backend: Backend) -> None:
+    """1,000 calls from 4 clients to devices on two hubs; hub A is killed (kill -9: its
+    calls in flight are dropped unanswered, its registration expires) after 300 answers, and
+    hub C takes A's devices. Every call returns a result or an explicit error, no call runs
+    twice, and errors are only calls A had already read (at most the calls in flight)."""
+    r = backend.client()
+    devices = [f"d{i}" for i in range(10)] + ["p0"]
+    register(r, "A")
+    register(r, "B")
+    for i in range(10):
+        put_device(r, f"d{i}", lease="A" if i < 5 else "B")
+    put_device(r, "p0", pinned="B")
+    total, clients, per_client = 1000, 4, 16
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        a = Hub(backend, "A", {f"d{i}" for i in range(5)}, ran, delay=0.002).start()
+        b = Hub(backend, "B", {f"d{i}" for i in range(5, 10)} | {"p0"}, ran, delay=0.002).start()
+        c: Hub | None = None
+        outcomes: dict[int, tuple[str, Any]] = {}
+        done: list[int] = []
+        traffic = asyncio.ensure_future(_traffic(backend, total, clients, per_client, devices, 3.0,
+                                                 outcomes, done))
+        try:
+            await wait_for(lambda: len(done) >= 300 or traffic.done(), 30, "300 answers")
+            await a.crash()
+            unregister(r, "A")
+            for i in range(5):
+                r.delete(KEYS.lease(f"d{i}"))        # expired with A's registration
+            stream = KEYS.exec_stream("A")
+            # callers take back what A never read (what it read stays, pending, for ever)
+            await wait_for(lambda: r.xlen(stream) == r.xpending(stream, EXEC_GROUP)["pending"], 10,
+                           "the unread requests to leave the dead hub's stream")
+            register(r, "C")
+            c = Hub(backend, "C", {f"d{i}" for i in range(5)}, ran, delay=0.002).start()
+            for i in range(5):
+                put_device(r, f"d{i}", lease="C")
+            await asyncio.wait_for(traffic, 60)
+        finally:
+            if not traffic.done():
+                traffic.cancel()
+            await b.stop()
+            if c is not None:
+                await c.stop()
+        _check_outcomes(outcomes, ran, total, max_errors=clients * per_client)
+        hubs = collections.Counter(h for kind, h in outcomes.values() if kind == "ok")
+        assert hubs["A"] >= 100 and hubs["B"] >= 300 and hubs["C"] >= 100, hubs
+
+    asyncio.run(main())
+
+
+def test_redis_restart_during_traffic(redis_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """redis-server killed and restarted (empty) while calls are in flight: the server
+    recreates its group, callers re-send what Redis lost (the hub remembers what it ran, so
+    nothing runs twice), and every call returns; each side logs the outage once."""
+    backend = Backend("single", redis_server)
+    r = backend.client()
+    devices = [f"d{i}" for i in range(4)]
+
+    def records() -> None:
+        register(r, "A")
+        for d in devices:
+            put_device(r, d, lease="A")
+
+    records()
+    total = 400
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        a = Hub(backend, "A", set(devices), ran, delay=0.005).start()
+        outcomes: dict[int, tuple[str, Any]] = {}
+        done: list[int] = []
+        traffic = asyncio.ensure_future(_traffic(backend, total, 2, 16, devices, 8.0, outcomes, done))
+        try:
+            await wait_for(lambda: len(done) >= 100 or traffic.done(), 30, "100 answers")
+            assert not traffic.done()
+            redis_server.stop()
+            await wait_for(lambda: a.server._outage.since is not None, 10, "the hub to notice the outage")
+            redis_server.start()
+            records()                      # membership writes its records again
+            await asyncio.wait_for(traffic, 60)
+            # and afterwards a fresh call works at once
+            ac = backend.aclient()
+            try:
+                got = await ExecClient(ac, KEYS, "after").exec("d1", "power", {"n": total}, timeout=5)
+                assert got["n"] == total
+            finally:
+                await ac.aclose()
+        finally:
+            if not traffic.done():
+                traffic.cancel()
+            await a.stop()
+        _check_outcomes(outcomes, ran, total, max_errors=32)
+        lost = [rec for rec in caplog.records
+                if rec.name == "hubhost.fleet" and "exec server A: Redis unreachable" in rec.getMessage()]
+        assert len(lost) == 1, [rec.getMessage() for rec in lost]
+
+    with caplog.at_level("INFO", logger="hubhost.fleet"):
+        asyncio.run(main())

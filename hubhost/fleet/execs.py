@@ -132,22 +132,29 @@ def _reply_error(code: str, message: str) -> str:
 
 
 class _OutageLog:
-    """Log a lost Redis once per outage, and its recovery once."""
+    """Log a lost Redis once per outage, and its recovery once. Errors within FLAP seconds of
+    a recovery (pooled connections that broke with the old server fail once each) belong to
+    the same outage: logged at debug level only."""
+
+    FLAP = 2.0
 
     def __init__(self, what: str) -> None:
         self.what = what
         self.since: float | None = None
+        self.up_at = -1e9
 
     def down(self, exc: BaseException) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
+        now = time.monotonic()
+        if self.since is None and now - self.up_at > self.FLAP:
+            self.since = now
             log.warning("%s: Redis unreachable (%s: %s); retrying", self.what, type(exc).__name__, exc)
         else:
             log.debug("%s: Redis still unreachable (%s)", self.what, exc)
 
     def up(self) -> None:
         if self.since is not None:
-            log.info("%s: Redis back after %.1f s", self.what, time.monotonic() - self.since)
+            self.up_at = time.monotonic()
+            log.info("%s: Redis back after %.1f s", self.what, self.up_at - self.since)
             self.since = None
 
 
@@ -179,6 +186,7 @@ class ExecServer:
         self._tasks: set[asyncio.Task] = set()
         self._outage = _OutageLog(f"fleet exec server {hub_id}")
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self.answered = 0           # entries answered (any outcome), for tests and metrics
         self.ran = 0                # calls actually run
 
@@ -189,30 +197,41 @@ class ExecServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop reading; let calls being run finish (up to `grace` s) so they are answered."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - it is stopping
-                pass
+        await self._stop_reading()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
         for t in list(self._tasks):
             t.cancel()
 
+    async def abort(self) -> None:
+        """Stop at once, as a crash would: calls being run are dropped unanswered (their
+        entries stay pending, their running markers stay)."""
+        await self._stop_reading()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stop_reading(self) -> None:
+        # The flag, not only the cancellation: a cancelled read inside redis-py has been seen
+        # to carry on (Python 3.11), so the loop also checks the flag after every read.
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=self.block_ms / 1000.0 + 2.0)
+
     # -- reading the stream ------------------------------------------------------------------
     async def serve(self) -> None:
-        """Read and answer entries until cancelled, through Redis outages and failovers."""
+        """Read and answer entries until stopped, through Redis outages and failovers."""
         backoff = 0.05
-        while True:
+        while not self._stopping:
             try:
                 await self._ensure_group()
                 await self._read("0")      # our own pending entries first: redelivery
                 self._outage.up()
                 backoff = 0.05
-                while True:
-                    if not await self._read(">"):
-                        continue
+                while not self._stopping:
+                    await self._read(">")
             except asyncio.CancelledError:
                 raise
             except ResponseError as e:
@@ -223,6 +242,8 @@ class ExecServer:
                 self._outage.down(e)
             except Exception:  # noqa: BLE001 - a bug must not end serving for good
                 log.exception("fleet exec server %s: unexpected error", self.hub_id)
+            if self._stopping:
+                return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
@@ -245,7 +266,7 @@ class ExecServer:
                                                count=self.batch,
                                                block=None if start == "0" else self.block_ms)
             entries = _entries(resp)
-            if not entries:
+            if not entries or self._stopping:
                 return total
             total += len(entries)
             await self._take(entries)
