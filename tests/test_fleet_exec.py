@@ -514,3 +514,155 @@ def test_redis_restart_during_traffic(redis_server: Any, caplog: pytest.LogCaptu
 
     with caplog.at_level("INFO", logger="hubhost.fleet"):
         asyncio.run(main())
+
+
+# -- hubhost.fleet: views and the script's face ----------------------------------------------
+
+class Messages:
+    """A real subscription; `take(n)` waits for n messages (with a deadline)."""
+
+    def __init__(self, backend: Backend, *patterns: str) -> None:
+        self.conn = backend.subscriber()
+        self.ps = self.conn.pubsub(ignore_subscribe_messages=True)
+        self.ps.psubscribe(*patterns)
+        deadline = time.monotonic() + 5
+        while self.ps.get_message(timeout=0.05) is not None or not self.ps.subscribed:
+            if time.monotonic() > deadline:
+                raise AssertionError("subscription not confirmed")
+
+    def take(self, n: int, timeout: float = 5.0) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            m = self.ps.get_message(timeout=0.05)
+            if m is not None and m["type"] == "pmessage":
+                out.append((m["channel"], m["data"]))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"got {out}, wanted {n} messages")
+        return out
+
+    def none(self, wait: float = 0.2) -> None:
+        """No message now: checked after a PING round trip through the same server."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            m = self.ps.get_message(timeout=0.02)
+            assert m is None or m["type"] != "pmessage", f"unexpected message {m}"
+
+    def close(self) -> None:
+        self.ps.close()
+        self.conn.close()
+
+
+def test_views_round_trip_and_publish_as_the_mirror_does(backend: Backend) -> None:
+    fl = fleet_api.connect(backend.url, prefix=PREFIX, fleet="F")
+    assert fl.cluster == backend.cluster, "cluster mode is detected from INFO cluster"
+    msgs = Messages(backend, f"{PREFIX}status/*", f"{PREFIX}lookup-change")
+    try:
+        st = fl.status("d1")
+        st["power"] = True
+        st["input"] = {"name": "HDMI 1", "n": [1, 2.5, None]}
+        assert st["power"] is True and st["input"] == {"name": "HDMI 1", "n": [1, 2.5, None]}
+        assert msgs.take(2) == [(f"{PREFIX}status/d1/power", "true"),
+                                (f"{PREFIX}status/d1/input", '{"name":"HDMI 1","n":[1,2.5,null]}')]
+        raw = backend.client()
+        assert raw.hget(f"{PREFIX}status/d1", "power") == "true", "JSON text under the prefix"
+        st["power"] = True                       # unchanged: not published again
+        msgs.none()
+        del st["power"]
+        assert msgs.take(1) == [(f"{PREFIX}status/d1/power", "null")]
+        with pytest.raises(KeyError):
+            st["power"]
+        with pytest.raises(KeyError):
+            del st["power"]
+        assert sorted(st) == ["input"] and len(st) == 1 and "input" in st and "power" not in st
+        assert dict(st) == st.to_dict() == {"input": {"name": "HDMI 1", "n": [1, 2.5, None]}}
+
+        sy = fl.system("S1")
+        sy["Display/1"] = "d1"
+        assert msgs.take(1) == [(f"{PREFIX}lookup-change", "S1")]
+        assert raw.hget(f"{PREFIX}system/S1", "Display/1") == "d1", "device ids as plain text, as the mirror writes"
+        assert sy["Display/1"] == "d1" and dict(sy) == {"Display/1": "d1"}
+        sy["Display/1"] = "d1"
+        msgs.none()
+        del sy["Display/1"]
+        assert msgs.take(1) == [(f"{PREFIX}lookup-change", "S1")]
+        assert len(sy) == 0
+        with pytest.raises(KeyError):
+            del sy["Display/1"]
+        with pytest.raises(TypeError):
+            sy["Display/2"] = 5            # type: ignore[assignment]
+        with pytest.raises(TypeError):
+            st["x"] = object()
+    finally:
+        msgs.close()
+        fl.close()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10)
+ops = st.lists(st.tuples(st.sampled_from(["a", "b", "c", "é/x"]), st.none() | json_values), max_size=12)
+
+
+def test_status_view_behaves_as_a_dict(redis_server: Any) -> None:
+    """Property: any sequence of sets and deletes leaves the view equal to a dict doing the
+    same (JSON values round trip exactly, floats included)."""
+    fl = fleet_api.connect(redis_server.url, prefix=PREFIX, fleet="F", cluster=False)
+    counter = iter(range(10**9))
+
+    @settings(max_examples=examples(60))
+    @given(ops)
+    def check(steps: list[tuple[str, Any]]) -> None:
+        view = fl.status(f"dev{next(counter)}")
+        model: dict[str, Any] = {}
+        for name, value in steps:
+            if value is None and name in model:
+                del view[name]
+                del model[name]
+            elif value is not None:
+                view[name] = value
+                model[name] = value
+        assert dict(view) == model
+        assert len(view) == len(model)
+
+    try:
+        check()
+    finally:
+        fl.close()
+
+
+def test_connect_exec_hubs_and_owner(backend: Backend) -> None:
+    """The script's face: `exec(system, "Display_1", fn, **args)` and `exec(device, fn)`
+    through a real ExecServer, plus hubs() and owner()."""
+    r = backend.client()
+    register(r, "A")
+    put_device(r, "d1", lease="A")
+    put_device(r, "p1", pinned="A")
+    put_device(r, "m1")                                  # mid-failover: no lease
+    r.hset(KEYS.system("S1"), "Display/1", "d1")
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        hub = Hub(backend, "A", {"d1", "p1"}, ran).start()
+        fl = await asyncio.to_thread(fleet_api.connect, backend.url, prefix=PREFIX, fleet="F")
+        try:
+            got = await asyncio.to_thread(fl.exec, "S1", "Display_1", "power", n=1, state=True)
+            assert got["device"] == "d1" and got["n"] == 1
+            got = await asyncio.to_thread(fl.exec, "p1", "power", args={"n": 2})
+            assert got["device"] == "p1"
+            with pytest.raises(ExecError) as e:
+                await asyncio.to_thread(fl.exec, "m1", "power", n=3, timeout=0.3)
+            assert e.value.code == "timeout" and "no hub holds its lease" in e.value.message
+            assert ran == collections.Counter({1: 1, 2: 1})
+            hubs = await asyncio.to_thread(fl.hubs)
+            assert list(hubs) == ["A"] and hubs["A"]["ready"] is True
+            assert fl.owner("d1") == "A" and fl.owner("p1") == "A" and fl.owner("m1") is None
+            with pytest.raises(KeyError):
+                fl.owner("nope")
+        finally:
+            await asyncio.to_thread(fl.close)
+            await hub.stop()
+
+    asyncio.run(main())

@@ -48,7 +48,7 @@ class StatusView(MutableMapping[str, Any]):
 
     def __init__(self, redis: Any, keys: FleetKeys, device_id: str) -> None:
         self.redis = redis
-        self.keys = keys
+        self.fleet_keys = keys   # not `keys`: that is Mapping.keys()
         self.device_id = device_id
         self.key = keys.status(device_id)
         self.channel_base = f"{keys.prefix}status/{device_id}/"
@@ -94,7 +94,7 @@ class SystemView(MutableMapping[str, str]):
 
     def __init__(self, redis: Any, keys: FleetKeys, system_id: str) -> None:
         self.redis = redis
-        self.keys = keys
+        self.fleet_keys = keys   # not `keys`: that is Mapping.keys()
         self.system_id = system_id
         self.key = keys.system(system_id)
         self.channel = f"{keys.prefix}lookup-change"
