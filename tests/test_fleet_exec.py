@@ -264,6 +264,35 @@ def test_redelivered_requests_answered_from_cache_never_run_again(backend: Backe
     asyncio.run(main())
 
 
+def test_a_request_sent_twice_runs_once(backend: Backend) -> None:
+    """A caller that lost its connection sends the same request id again (`resent`): in the
+    same batch, in a later one, and after the hub restarted — it runs once; every copy is
+    answered."""
+    r = backend.client()
+    stream = KEYS.exec_stream("A")
+    r.xgroup_create(stream, EXEC_GROUP, id="0", mkstream=True)
+    reply = KEYS.reply("caller", "twice")
+    r.xadd(stream, _entry("twice", reply, n=1))
+    r.xadd(stream, {**_entry("twice", reply, n=1), "resent": "1"})
+
+    async def main() -> None:
+        ran: collections.Counter = collections.Counter()
+        hub = Hub(backend, "A", {"d1"}, ran, delay=0.05).start()
+        try:
+            await wait_for(lambda: r.llen(reply) == 2, 5, "both copies answered")
+            assert [orjson.loads(x)["ok"]["n"] for x in r.lrange(reply, 0, -1)] == [1, 1]
+            await hub.stop()
+            # a new process of hub A (nothing in memory): the cache answers a third copy
+            hub = Hub(backend, "A", {"d1"}, ran).start()
+            r.xadd(stream, {**_entry("twice", reply, n=1), "resent": "1"})
+            await wait_for(lambda: r.llen(reply) == 3, 5, "the third copy answered")
+            assert ran == collections.Counter({1: 1})
+        finally:
+            await hub.stop()
+
+    asyncio.run(main())
+
+
 def test_expired_deadline_never_runs_through_the_client(backend: Backend) -> None:
     """A call that waits in the stream past its deadline (its owner busy) is answered
     `timeout` and never run."""

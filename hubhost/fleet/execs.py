@@ -5,13 +5,17 @@ Why it is built this way:
 
 * **At-least-once delivery, at-most-once execution.** The owner reads its stream with a
   consumer group, so an entry it read but did not acknowledge is delivered again after a
-  restart. Before running a call it sets `P{hub:<id>}:done:<request id>` to a "running"
-  marker (SET NX, in one script with the lookup); the result replaces the marker. A
-  redelivered entry whose result is cached is answered from the cache; one that finds the
-  marker was being run when the hub died: it is answered `timeout` ("it may have run"),
-  never run again. The hub also keeps recent results and the calls it is running in
-  memory, so a duplicate entry (a client that re-sent after a Redis error, or a Redis that
-  restarted and lost the cache) is never run twice while the hub lives.
+  restart; the result is cached under `P{hub:<id>}:done:<request id>` (5 min) before the
+  entry is acknowledged. A redelivered entry whose result is cached is answered from the
+  cache; one with no result was read (and may have run) when the hub stopped: it is
+  answered `timeout` ("it may have run"), never run again, and that answer is cached.
+  A request sent once is run as soon as it is first read: its pending entry is its running
+  marker, so no Redis round trip comes before it (that round trip cost a third of a
+  cross-hub call). A request its caller had to send again (`resent`, after a Redis error)
+  may have run under the same id already: it is looked up first and, when runnable, the
+  "running" marker is set (SET NX, one script for the batch) before it runs. The hub also
+  keeps recent results and the calls it is running in memory, so a duplicate is never
+  run twice while the hub lives, even when a restarted Redis lost the cache.
 * **Nothing silently lost.** Every call ends with a result or an explicit error. A caller
   whose owner's registration vanished removes its entry from the dead owner's stream if the
   owner never read it (XPENDING check + XDEL in one script, one slot) and sends it to the
@@ -269,13 +273,18 @@ class ExecServer:
             if not entries or self._stopping:
                 return total
             total += len(entries)
-            await self._take(entries)
+            await self._take(entries, pending=start == "0")
             if start != "0":
                 return total
             last = entries[-1][0]
 
-    async def _take(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
-        """Decide for a batch (one script on the done keys), then answer or run each."""
+    async def _take(self, entries: list[tuple[str, dict[str, str] | None]], pending: bool) -> None:
+        """Answer or run a batch. A first delivery of a request sent once is run at once (no
+        Redis round trip before it: its pending entry is its running marker). A request its
+        caller sent again, and every entry redelivered from our pending list (`pending`),
+        is looked up in the result cache first (one script for the batch); a redelivered
+        one with no result may have run before the hub restarted: answered `timeout`, and
+        that answer cached, so a copy of it sent again gets the same answer."""
         now = _now_ms()
         todo: list[tuple[str, dict[str, str]]] = []
         dead: list[str] = []
@@ -284,29 +293,37 @@ class ExecServer:
                 dead.append(eid)                   # deleted, or not ours to read: drop it
             elif f["id"] in self._running:         # a duplicate of a call running here:
                 self._running[f["id"]].add_done_callback(partial(self._answer_later, eid, f))
+            elif (cached := self._remembered(f["id"])) is not None:
+                self._spawn(self._answer(eid, f, cached, cache=False))
             else:
                 todo.append((eid, f))
         if dead:
             await self._ack(dead)
         if not todo:
             return
-        flags, fresh = [], []
+        runnable = {eid: _deadline(f) > now and self.owns(f.get("device", "")) for eid, f in todo}
+        looked = [(eid, f) for eid, f in todo if pending or f.get("resent")]
+        got: dict[str, Any] = {}
+        if looked:
+            flags = ["1" if runnable[eid] and not pending else "0" for eid, _f in looked]
+            values = await _CLAIM(self.redis, [self.keys.done(self.hub_id, f["id"]) for _e, f in looked],
+                                  [RUNNING, DONE_TTL_MS, *flags])
+            got = {eid: v for (eid, _f), v in zip(looked, values)}
+        answers = []
         for eid, f in todo:
-            cached = self._remembered(f["id"])
-            fresh.append(cached)
-            flags.append("1" if cached is None and _deadline(f) > now and self.owns(f.get("device", "")) else "0")
-        got = await _CLAIM(self.redis, [self.keys.done(self.hub_id, f["id"]) for _e, f in todo],
-                           [RUNNING, DONE_TTL_MS, *flags])
-        for (eid, f), cached, flag, v in zip(todo, fresh, flags, got):
+            if f["id"] in self._running:         # two copies of one request in this batch
+                self._running[f["id"]].add_done_callback(partial(self._answer_later, eid, f))
+                continue
+            v = got.get(eid)
             v = _s(v) if v not in (False, None, 0) else None
-            if cached is not None:
-                reply = cached
-            elif v == RUNNING:
-                reply = _reply_error("timeout", f"{_what(f)}: the hub {self.hub_id} stopped while it ran; "
-                                     "it may have run (not run again)")
-            elif v:                              # a cached result: answer it again
+            cache = False
+            if v and v != RUNNING:               # a cached result: answer it again
                 reply = v
-            elif flag == "1":                    # ours to run: the marker is set
+            elif pending or v == RUNNING:
+                reply = _reply_error("timeout", f"{_what(f)}: hub {self.hub_id} had read it when it "
+                                     "stopped; it may have run (not run again)")
+                cache = True
+            elif runnable[eid]:                  # ours to run
                 fut = asyncio.get_running_loop().create_future()
                 self._running[f["id"]] = fut
                 await self._slots.acquire()
@@ -318,7 +335,12 @@ class ExecServer:
             else:
                 reply = _reply_error("moved", f"hub {self.hub_id} does not drive device "
                                      f"{f.get('device')!r} now")
-            self._spawn(self._answer(eid, f, reply, cache=False))
+            if pending:
+                answers.append(self._answer(eid, f, reply, cache=cache))
+            else:
+                self._spawn(self._answer(eid, f, reply, cache=cache))
+        if answers:        # cached before anything new is read
+            await asyncio.gather(*answers)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -358,18 +380,25 @@ class ExecServer:
                 fut.cancel()
 
     async def _answer(self, eid: str, f: dict[str, str], reply: str, *, cache: bool) -> None:
-        """Cache (when it ran), reply, then acknowledge and delete the entry. Commands to one
-        node run in order, so the cache is set before the entry is acknowledged. A failure
-        leaves the entry pending: after the reconnect it is answered from the cache."""
+        """Reply first (the caller waits for nothing else), then cache the result (when it
+        ran), give the reply list its TTL (for a caller that never reads it; a read one is
+        gone already) and acknowledge and delete the entry, the cache before the XACK (one
+        node, in order). A hub that dies between the reply and the cache left its running
+        marker: a redelivery answers `timeout` to a caller that has its reply already,
+        and nothing runs twice. A failure leaves the entry pending: read again after the
+        reconnect, it is answered from the cache (or from this hub's memory)."""
         done = self.keys.done(self.hub_id, f["id"])
         give_up = max(_deadline(f) / 1000.0, time.time()) + 5.0
         delay = 0.02
+        replied = False
         while True:
             try:
+                if not replied:
+                    await self.redis.lpush(f["reply"], reply)
+                    replied = True
                 pipe = self.redis.pipeline(transaction=False)
                 if cache:
                     pipe.set(done, reply, px=DONE_TTL_MS)
-                pipe.lpush(f["reply"], reply)
                 pipe.expire(f["reply"], REPLY_TTL_S)
                 pipe.xack(self.stream, EXEC_GROUP, eid)
                 pipe.xdel(self.stream, eid)
@@ -629,6 +658,7 @@ class ExecClient:
                     if cached and cached != RUNNING:
                         return cached
                     if cached is None and not await self.redis.xrange(stream, eid, eid):
+                        fields["resent"] = "1"
                         eid = await self._send(stream, fields, deadline, f"{function} on {device!r}")
                         delivered = False
                     continue
@@ -659,7 +689,9 @@ class ExecClient:
                 self._outage.up()
                 return eid
             except _OUTAGE as e:
-                # it may have landed: sending it again is safe (the hub runs one request id once)
+                # it may have landed: sending it again is safe (the hub runs one request id
+                # once; `resent` makes it look the id up in its result cache first)
+                fields["resent"] = "1"
                 self._outage.down(e)
                 if time.time() >= deadline:
                     raise ExecError("timeout", f"{what}: could not send it before the deadline "
