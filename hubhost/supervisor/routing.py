@@ -33,6 +33,7 @@ class RoutedFunctions(FunctionHost):
         self._places: dict[tuple[Any, tuple], _Place] = {}   # (worker, place) -> shared one
         self._ref_place: dict[tuple[Any, int], tuple] = {}   # (worker, worker's ref) -> place
         self.exec_counts: dict[str, int] = {}                # "ok" or an error code -> calls
+        self.remote: Any = None   # fleet mode: an ExecClient for devices on other hubs (fleet/wiring.py)
 
     def attach(self) -> None:
         self.rebuild()
@@ -49,11 +50,18 @@ class RoutedFunctions(FunctionHost):
 
     # -- exec ------------------------------------------------------------------------------
     async def exec(self, target: str | SystemRef, function: str, args: Any = None, *,
-                   level: str = "administrator", timeout: float | None = None) -> str:
-        """Run a function in its device's worker; counts each call by outcome (/metrics)."""
+                   level: str = "administrator", timeout: float | None = None, route: bool = True) -> str:
+        """Run a function in its device's worker; counts each call by outcome (/metrics).
+        In fleet mode a device not on this hub is called on its owner (`route=False`: never,
+        for calls that reached this hub as the owner)."""
         counts = self.exec_counts
         try:
-            result = await self._exec(target, function, args, level, timeout)
+            try:
+                result = await self._exec(target, function, args, level, timeout)
+            except ExecError as e:
+                if e.code != "unknown_device" or not route or self.remote is None:
+                    raise
+                result = await self.remote.exec_text(target, function, args, level=level, timeout=timeout)
         except ExecError as e:
             code = e.code if e.code in CODES else "driver_error"
             counts[code] = counts.get(code, 0) + 1
