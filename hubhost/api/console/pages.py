@@ -34,7 +34,8 @@ SECURITY_HEADERS = {
                                 "connect-src 'self'; form-action 'self'; base-uri 'none'; "
                                 "frame-ancestors 'none'"),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",       # the login URL's token never leaves in a Referer
+    "Referrer-Policy": "same-origin",      # the login URL's token never leaves in a Referer (and
+                                          # no-referrer would make form POSTs say Origin: null)
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
 }
