@@ -405,8 +405,8 @@ class ApiServer:
         if session is not None:
             self._check_origin(request)
             return session.level
-        raise web.HTTPUnauthorized(reason="a bearer token (Authorization: Bearer <token>) or a console "
-                                          "session is required on TCP; `hubhost console` prints a login URL")
+        raise web.HTTPUnauthorized(reason="a bearer token is required on TCP (Authorization: Bearer <token>), "
+                                          "or a console session (`hubhost console` prints a login URL)")
 
     @staticmethod
     def _check_origin(request: web.Request) -> None:
