@@ -268,6 +268,10 @@ def test_login_lists_demo_drivers_and_the_token_works_once(browser: Any, demo: H
         page.wait_for_function("[...document.querySelectorAll('[data-field=cpu]')].every(c => c.textContent.includes('%'))",
                                timeout=5000)
         page.screenshot(path=str(tmp_path / "hub.png"), full_page=True)
+        # a phone: the page fits the screen's width (no sideways scrolling)
+        page.set_viewport_size({"width": 390, "height": 844})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(tmp_path / "hub_phone.png"), full_page=True)
         assert page.errors == []
     finally:
         ctx.close()
@@ -514,3 +518,42 @@ def test_none_level_session_sees_administrator_functions_disabled(browser: Any, 
         assert forged == 403
     finally:
         ctx.close()
+
+
+# -- without a browser ---------------------------------------------------------------------------
+
+def test_login_tokens_work_once_expire_and_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hubhost.api.console import sessions
+
+    clock = [1000.0]
+    monkeypatch.setattr(sessions.time, "monotonic", lambda: clock[0])
+    logins = sessions.ConsoleLogins(token_ttl=60, session_ttl=3600)
+    token, _ = logins.mint("support")
+    sid, session = logins.redeem(token)
+    assert session.level == "support" and logins.session(sid) is session
+    assert logins.redeem(token) is None                       # once only
+    late, _ = logins.mint("none")
+    clock[0] += 61
+    assert logins.redeem(late) is None                        # expired
+    clock[0] += 3600
+    assert logins.session(sid) is None                        # the session expired too
+    tokens = [logins.mint("none")[0] for _ in range(sessions.MAX_TOKENS + 5)]
+    assert logins.redeem(tokens[0]) is None and logins.redeem(tokens[-1]) is not None
+    with pytest.raises(ValueError, match="unknown level 'root'"):
+        logins.mint("root")
+
+
+def test_console_tcp_must_be_loopback(tmp_path: Path) -> None:
+    from hubhost import config as config_mod
+
+    cfg = write_config(tmp_path / "hub.toml", """
+        [api]
+        console_tcp = "0.0.0.0:8766"
+    """)
+    with pytest.raises(config_mod.ConfigError, match="api.console_tcp.*loopback"):
+        config_mod.load(cfg)
+    write_config(cfg, """
+        [api]
+        console_tcp = "127.0.0.1:8766"
+    """)
+    assert config_mod.load(cfg).api["console_tcp"] == ("127.0.0.1", 8766)
