@@ -18,6 +18,13 @@
   ratio <= 1.5 (issue 16). `metrics_scrape_vs_render` compares the same scrapes with
   rendering that registry in-process, without any HTTP (the strictest reading).
 
+- console_status_latency: a status change applied by the supervisor (`StatusStore.set`,
+  where a driver's change lands) until it arrives over the console's WebSocket: a browser-like
+  client logged in with a one-time token (session cookie, Origin) on the loopback TCP
+  listener `hubhost console` opens, following the device with `watch_device`. Baseline: a
+  bare aiohttp WebSocket on loopback TCP fed straight from a StatusStore listener of the
+  same hub. Target: p50 ratio <= 1.5 (issue 16).
+
 Both servers run in one event loop; the clients run in a separate process and alternate
 between ours and the baseline in small blocks, so both see the same machine load.
 `python bench/api.py [--quick]`.
@@ -128,6 +135,33 @@ def client_exec(targets: list[tuple[str, str]], n: int, method: str = "POST") ->
                 out.append(perf() - t0)
     warm = len(times[0]) // 10
     print(json.dumps([t[warm:] for t in times]), flush=True)
+
+
+async def client_console(login_url: str, origin: str, base_url: str, rounds: int) -> None:
+    """One console client (logged in like a browser) and one bare client; each round the
+    parent changes the status behind one of them and this reports the arrival time."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))   # unsafe: IP hosts
+    async with session.get(login_url) as r:
+        assert r.status == 200, r.status
+    ours = await session.ws_connect(origin + "/api/v1/ws", origin=origin)
+    await ours.send_str('{"id":1,"type":"watch_device","device":"d1"}')
+    assert json.loads((await ours.receive()).data)["type"] == "success"
+    await ours.receive()        # the current value
+    base = await session.ws_connect(base_url)
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    socks = (ours, base)
+    for _ in range(rounds * 2):
+        side = int((await reader.readline()).strip())
+        msg = await socks[side].receive()
+        print(f"done {time.monotonic()!r} {len(msg.data)}", flush=True)
+    await ours.close()
+    await base.close()
+    await session.close()
 
 
 async def client_fanout(ours_path: str, base_path: str, rounds: int) -> None:
@@ -291,6 +325,65 @@ async def bench_fanout(sup: Any, base_sock: Path, wss: list[Any], rounds: int) -
     result("fanout", times[0][warm:], times[1][warm:])
 
 
+async def bench_console(sup: Any, rounds: int) -> None:
+    from aiohttp import web
+
+    # the baseline: a bare WebSocket on loopback TCP, fed by a listener on the hub's store
+    base_wss: list[Any] = []
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        base_wss.append(ws)
+        async for _ in ws:
+            pass
+        return ws
+
+    def on_change(device_id: str, name: str, value: str | None) -> None:
+        if device_id == "d2":
+            text = ('{"type":"status","ref":1,"device":"d2","name":' + json.dumps(name) +
+                    ',"value":' + (value or "null") + "}")
+            for ws in base_wss:
+                asyncio.ensure_future(ws.send_str(text))
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    tcp = socket.create_server(("127.0.0.1", 0))
+    site = web.SockSite(runner, tcp)
+    await site.start()
+    base_url = f"http://127.0.0.1:{tcp.getsockname()[1]}/ws"
+    unlisten = sup.status.add_listener(on_change)
+    # ours: what `hubhost console` does (listener, one-time token), then a real login
+    host, port, _ = await sup.api.open_console_listener()
+    token, _ = sup.api.console.logins.mint("support")
+    origin = f"http://{host}:{port}"
+    sup.status.set("d1", "power", "0")
+    proc = await spawn_client("console", f"{origin}/console/login?token={token}", origin, base_url, str(rounds))
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        line = await proc.stdout.readline()
+        assert line.strip() == b"ready", line
+        await asyncio.sleep(0.2)
+        times: list[list[float]] = [[], []]
+        for i in range(rounds):
+            for side in (i % 2, 1 - i % 2):
+                proc.stdin.write(b"%d\n" % side)
+                await proc.stdin.drain()
+                await asyncio.sleep(0.005)   # the client is waiting on its socket now
+                t0 = time.monotonic()
+                sup.status.set("d1" if side == 0 else "d2", "power", str(i + 1))
+                line = await proc.stdout.readline()
+                times[side].append(float(line.split()[1]) - t0)
+        await proc.wait()
+    finally:
+        unlisten()
+        await runner.cleanup()
+    warm = rounds // 10
+    result("console_status_latency", times[0][warm:], times[1][warm:])
+
+
 METRICS_DEVICES = 200
 METRICS_CONFIG = """
 [[drivers]]
@@ -374,13 +467,15 @@ async def bench_all(tmp: Path, quick: bool, only: str | None = None) -> None:
     base_sock = tmp / "base.sock"
     runner, wss = await baseline_app(base_sock)
     try:
-        if only in (None, "exec", "fanout"):
+        if only in (None, "exec", "fanout", "console_status_latency"):
             sup = await start_hub(tmp)
             try:
                 if only in (None, "exec"):
                     await bench_exec(sup, base_sock, 4000 if quick else 20000)
                 if only in (None, "fanout"):
                     await bench_fanout(sup, base_sock, wss, 100 if quick else 500)
+                if only in (None, "console_status_latency"):
+                    await bench_console(sup, 300 if quick else 2000)
             finally:
                 await sup.stop()
         if only in (None, "metrics_scrape"):
@@ -396,12 +491,14 @@ def main() -> None:
             client_exec([tuple(t) for t in json.loads(sys.argv[3])], int(sys.argv[4]))
         elif kind == "scrape":
             client_exec([tuple(t) for t in json.loads(sys.argv[3])], int(sys.argv[4]), "GET")
+        elif kind == "console":
+            asyncio.run(client_console(sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])))
         else:
             asyncio.run(client_fanout(sys.argv[3], sys.argv[4], int(sys.argv[5])))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a run under 60 s")
-    p.add_argument("--only", choices=("exec", "fanout", "metrics_scrape"), help="one benchmark")
+    p.add_argument("--only", choices=("exec", "fanout", "metrics_scrape", "console_status_latency"), help="one benchmark")
     args = p.parse_args()
     import logging
 

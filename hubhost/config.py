@@ -199,9 +199,10 @@ def _api(c: _Checker, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """[api]: the local HTTP/WebSocket API (hubhost/api.py). Returns normalised settings:
     socket (path or None for the default), socket_mode, tcp ((host, port) or None),
     tokens ([{token, level}]), exec_timeout, driver_level, driver_levels, metrics
-    ("token" | "open" | "off"), metrics_token (or None)."""
+    ("token" | "open" | "off"), metrics_token (or None), console_tcp ((host, port): where
+    `hubhost console` opens a listener when tcp is not set; loopback only)."""
     c.unknown(raw, {"enabled", "socket", "socket_mode", "tcp", "tokens", "exec_timeout",
-                    "driver_level", "driver_levels", "metrics", "metrics_token"}, "api")
+                    "driver_level", "driver_levels", "metrics", "metrics_token", "console_tcp"}, "api")
     out: dict[str, Any] = {"enabled": c.typed(raw, "enabled", "api.enabled", (bool,), "true or false", True)}
     sock = c.typed(raw, "socket", "api.socket", (str,), "a path")
     out["socket"] = str((base / sock).resolve()) if sock else None
@@ -221,6 +222,17 @@ def _api(c: _Checker, raw: dict[str, Any], base: Path) -> dict[str, Any]:
         if not m or not 0 <= int(m.group(2)) < 65536:   # port 0: any free port (tests)
             c.fail("api.tcp", f"must be \"host:port\" such as \"127.0.0.1:8765\", got {tcp!r}")
         out["tcp"] = (m.group(1) or "127.0.0.1", int(m.group(2)))
+    ctcp = c.typed(raw, "console_tcp", "api.console_tcp", (str,), "\"host:port\" such as \"127.0.0.1:8766\"")
+    out["console_tcp"] = ("127.0.0.1", 0)
+    if ctcp:
+        m = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", ctcp)
+        if not m or not 0 <= int(m.group(2)) < 65536:
+            c.fail("api.console_tcp", f"must be \"host:port\" such as \"127.0.0.1:8766\", got {ctcp!r}")
+        if not _loopback(m.group(1) or "127.0.0.1"):
+            c.fail("api.console_tcp", f"must be a loopback address (127.0.0.1, ::1 or localhost), got "
+                                      f"{m.group(1)!r}: to serve the console on another address set "
+                                      "api.tcp instead")
+        out["console_tcp"] = (m.group(1) or "127.0.0.1", int(m.group(2)))
     tokens = c.typed(raw, "tokens", "api.tokens", (list,), "an array of tables ([[api.tokens]])", [])
     out["tokens"] = []
     seen: set[str] = set()

@@ -32,12 +32,14 @@ class _UnixHTTP(http.client.HTTPConnection):
 
 
 class HubProcess:
-    def __init__(self, config: Path, state: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path | None, state: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        """`config` None: no --config (e.g. with "--demo" in `extra`)."""
         self.state = state
         e = {**os.environ, **(env or {})}
         for k in ("NOTIFY_SOCKET", "RUNTIME_DIRECTORY", "JOURNAL_STREAM", "WATCHDOG_USEC"):
             e.pop(k, None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "hubhost", "run", "--config", str(config),
+        where = ["--config", str(config)] if config is not None else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "hubhost", "run", *where,
                                       "--state-dir", str(state), *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e)
         self.lines: list[tuple[float, str]] = []

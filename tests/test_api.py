@@ -318,7 +318,8 @@ def test_websocket_bind_notify_unbind_exec(tmp_path: Path) -> None:
                 assert (await ws.receive_json(timeout=5))["code"] == "bad_request"
                 await ws.send_json({"id": 7, "type": "frobnicate"})
                 e = await ws.receive_json(timeout=5)
-                assert e["id"] == 7 and e["message"] == "unknown message type 'frobnicate' (bind, unbind, exec, ping)"
+                assert e["id"] == 7 and e["message"] == ("unknown message type 'frobnicate' (bind, unbind, exec, ping, "
+                                                    "watch_device, watch_hub, watch_logs)")
                 await ws.send_json({"id": [1], "type": "ping"})
                 assert (await ws.receive_json(timeout=5))["message"] == '"id" must be a number or a string'
                 await ws.send_json({"id": 8, "type": "bind", "sys": "office", "mod": "Lamp", "name": 5})

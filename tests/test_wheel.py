@@ -22,6 +22,9 @@ def test_wheel_installs_and_runs_the_demo(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "hubhost/_lua/driver_helper.lua" in names and "hubhost/sandbox/sandbox.lua" in names and "hubhost/devices/devicelink.lua" in names
     assert "hubhost/_drivers/demo.toml" in names
+    # the console's templates and static files (hubhost/api/console/) are package data
+    assert {"hubhost/api/console/templates/hub.html", "hubhost/api/console/static/console.js",
+            "hubhost/api/console/static/console.css"} <= set(names)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

@@ -2,7 +2,7 @@
 `hubhost status [DEVICE]`, `hubhost exec DEVICE FUNCTION [name=value ...]`,
 `hubhost watch SYSTEM MODULE INDEX STATUS`, `hubhost ls`, `hubhost reload [DRIVER...]`,
 `hubhost logs [DRIVER|DEVICE] [-f] [--level L] [--since T]`, `hubhost describe DEVICE`,
-`hubhost log-level DRIVER LEVEL`.
+`hubhost log-level DRIVER LEVEL`, `hubhost console [--level L] [--open] [--close]`.
 
 The hub is found at --socket, else the socket named by the config's [api] (--config, else
 $HUBHOST_CONFIG), else $RUNTIME_DIRECTORY/hubhost.sock, /run/hubhost/hubhost.sock (the
@@ -409,6 +409,31 @@ async def _log_level(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _console(args: argparse.Namespace) -> int:
+    """Ask the running hub for the console: it opens its TCP listener if none is open (on
+    [api] console_tcp, loopback) and mints a one-time login token of the asked level."""
+    async with _client(args) as c:
+        if args.close:
+            doc = await c.request("DELETE", "/api/v1/console")
+            print(f"console closed: {doc['sessions_ended']} session(s) logged out"
+                  + (", listener closed" if doc["listener_closed"] else ""))
+            return 0
+        doc = await c.request("POST", "/api/v1/console", {"level": args.level})
+    print(doc["url"], flush=True)
+    article = "an" if doc["level"][0] in "aeiou" else "a"
+    print(f"({article} {doc['level']} session; the link works once, within {doc['expires_in']:.0f} s. Open it in a "
+          "browser on this machine; from elsewhere forward the port first, e.g. "
+          f"ssh -L {doc['origin'].rsplit(':', 1)[1]}:127.0.0.1:{doc['origin'].rsplit(':', 1)[1]} HUB. "
+          "`hubhost console --close` logs every session out.)", file=sys.stderr)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(doc["url"]):
+            print("hubhost console: no browser could be started here; open the URL above yourself",
+                  file=sys.stderr)
+    return 0
+
+
 def _runner(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -486,6 +511,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("device")
     p.add_argument("--json", action="store_true", help="the whole document as JSON")
     p.set_defaults(func=_runner(_describe))
+
+    p = sub.add_parser("console", parents=[common],
+                       help="the hub's web console: print a one-time login URL (opens a loopback listener if needed)")
+    p.add_argument("--level", choices=("none", "support", "administrator"), default="administrator",
+                   help="what the session may do (default administrator)")
+    p.add_argument("--open", action="store_true", help="also open the URL in a browser")
+    p.add_argument("--close", action="store_true",
+                   help="log every console session out and close the listener `hubhost console` opened")
+    p.set_defaults(func=_runner(_console))
 
     p = sub.add_parser("log-level", parents=[common], help="set one driver's log level at run time (no restart)")
     p.add_argument("driver")

@@ -24,6 +24,11 @@ REST (JSON; errors are {"error": {"code", "message"}}):
                                             &limit=N; &follow=1 streams NDJSON as they arrive
   PUT  /api/v1/drivers/{id}/log_level       {"level": "debug"} or {"level": null} (administrator)
   GET  /api/v1/ws                           WebSocket, see WsSession
+  POST /api/v1/console                      {"level": L}: open the console's TCP listener if
+                                            none is open and mint a one-time login URL
+                                            (administrator); DELETE logs every console
+                                            session out and closes a listener it opened
+  GET  /console/...                         the web console (hubhost/api/console/)
   GET  /metrics                             Prometheus exposition (docs/metrics.md): the
                                             socket's administrators, the metrics token, or
                                             anyone on a loopback TCP with [api] metrics = "open"
@@ -81,10 +86,14 @@ MAX_BODY = 1024 * 1024
 MAX_WS_BACKLOG = 10_000          # queued messages before a slow WebSocket client is dropped
 MAX_WS_BACKLOG_BYTES = 8 << 20   # or queued bytes, whichever comes first
 MAX_WS_CALLS = 64                # exec requests in flight per WebSocket
+MAX_WS_WATCHES = 64              # watch_device / watch_hub / watch_logs per WebSocket
+HUB_PUSH_INTERVAL = 1.0          # seconds between checks of the hub document (watch_hub)
 HTTP_STATUS = {"unknown_device": 404, "unknown_function": 404, "forbidden": 403, "bad_args": 400,
                "driver_error": 502, "timeout": 504}
 JSON_TYPE = "application/json"
 LEVEL = web.RequestKey("level", str)     # the caller's security level, set by the middleware
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PUBLIC_PATHS = frozenset({"/console/login"})   # and /console/static/: no session needed
 
 
 # -- settings and sockets -------------------------------------------------------------------
@@ -111,6 +120,7 @@ class ApiSettings:
     driver_levels: dict[str, str] = field(default_factory=dict)
     metrics: str = "token"                 # GET /metrics on TCP: "token" | "open" | "off"
     metrics_token: str | None = None       # a token that reads /metrics and nothing else
+    console_tcp: tuple[str, int] = ("127.0.0.1", 0)   # where `hubhost console` listens without tcp
 
     @classmethod
     def from_config(cls, api: dict[str, Any], state_dir: Path) -> "ApiSettings":
@@ -125,6 +135,7 @@ class ApiSettings:
             driver_levels=dict(api.get("driver_levels", {})),
             metrics=api.get("metrics", "token"),
             metrics_token=api.get("metrics_token"),
+            console_tcp=tuple(api.get("console_tcp") or ("127.0.0.1", 0)),  # type: ignore[arg-type]
         )
 
 
@@ -242,7 +253,14 @@ class ApiServer:
         self.sessions: set[WsSession] = set()
         self.runner: web.AppRunner | None = None
         self.tcp_port: int | None = None
+        self.tcp_host: str | None = None
         self.socket_path: Path | None = None
+        self._console_site: web.BaseSite | None = None   # the listener `hubhost console` opened
+        from hubhost.api.console import Console
+        from hubhost.status.devicewatch import DeviceWatches
+
+        self.console = Console(self)
+        self.watches = DeviceWatches(sup.status)
         self.app = self._make_app()
         self._metrics: Any = None   # hubhost.api.metrics.HubMetrics, made at the first scrape
 
@@ -264,6 +282,9 @@ class ApiServer:
         r.add_put("/api/v1/drivers/{id}/log_level", self.set_log_level)
         r.add_get("/api/v1/ws", self.websocket)
         r.add_get("/metrics", self.metrics)
+        r.add_post("/api/v1/console", self.console_open)
+        r.add_delete("/api/v1/console", self.console_close)
+        self.console.add_routes(r)
         return app
 
     # -- life ----------------------------------------------------------------------------
@@ -281,8 +302,36 @@ class ApiServer:
             tcp = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
             tcp.setblocking(False)
             self.tcp_port = tcp.getsockname()[1]     # port 0 in the config: the one we got
+            self.tcp_host = host
             await web.SockSite(self.runner, tcp).start()
             log.info("API listening on %s:%d (bearer tokens)", host, self.tcp_port)
+
+    async def open_console_listener(self) -> tuple[str, int, bool]:
+        """The TCP listener the console is served on: [api] tcp when configured, else one
+        opened now on [api] console_tcp (loopback). Returns (host, port, opened now)."""
+        if self.tcp_port is not None:
+            return self.tcp_host or "127.0.0.1", self.tcp_port, False
+        if self.runner is None:
+            raise OSError("the API is not running")
+        host, port = self.settings.console_tcp
+        tcp = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        tcp.setblocking(False)
+        site = web.SockSite(self.runner, tcp)
+        await site.start()
+        self._console_site = site
+        self.tcp_host, self.tcp_port = host, tcp.getsockname()[1]
+        log.info("API listening on %s:%d for the console (asked by `hubhost console`)", host, self.tcp_port)
+        return host, self.tcp_port, True
+
+    async def close_console_listener(self) -> bool:
+        """Close the listener `hubhost console` opened (a configured [api] tcp stays)."""
+        site, self._console_site = self._console_site, None
+        if site is None:
+            return False
+        await site.stop()
+        log.info("API: console listener on %s:%s closed", self.tcp_host, self.tcp_port)
+        self.tcp_host = self.tcp_port = None
+        return True
 
     async def stop(self) -> None:
         for session in list(self.sessions):
@@ -339,7 +388,9 @@ class ApiServer:
         return level
 
     def level_for(self, request: web.Request) -> str:
-        """The caller's level: its token's, or administrator on the Unix socket."""
+        """The caller's level: its token's, administrator on the Unix socket, or the level
+        of its console session (cookie; state-changing requests and WebSocket handshakes
+        must then come from the console's own origin)."""
         token = self._bearer(request)
         if token is not None:
             if self._is_metrics_token(token):
@@ -350,17 +401,39 @@ class ApiServer:
             raise web.HTTPUnauthorized(reason="unknown token")
         if self._on_unix(request):
             return "administrator"
-        raise web.HTTPUnauthorized(reason="a bearer token is required on TCP (Authorization: Bearer <token>)")
+        session = self.console.session_of(request)
+        if session is not None:
+            self._check_origin(request)
+            return session.level
+        raise web.HTTPUnauthorized(reason="a bearer token is required on TCP (Authorization: Bearer <token>), "
+                                          "or a console session (`hubhost console` prints a login URL)")
+
+    @staticmethod
+    def _check_origin(request: web.Request) -> None:
+        """A cookie rides along with requests other sites make: refuse state-changing ones
+        (and WebSocket handshakes) unless the browser says they come from the console's own
+        page. The cookie only goes to the host that set it, so the Host header names it."""
+        if request.method in SAFE_METHODS and request.headers.get("Upgrade", "").lower() != "websocket":
+            return
+        own = f"{request.scheme}://{request.host}"
+        origin = request.headers.get("Origin")
+        if origin != own:
+            raise web.HTTPForbidden(reason=f"cross-origin request refused: Origin {origin!r} is not the "
+                                           f"console's own ({own})")
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         try:
             if request.path == "/metrics":
                 request[LEVEL] = self.metrics_level(request)
+            elif request.path in PUBLIC_PATHS or request.path.startswith("/console/static/"):
+                request[LEVEL] = "none"
             else:
                 request[LEVEL] = self.level_for(request)
             return await handler(request)
         except ExecError as e:
+            if request.path.startswith("/console/"):
+                return self.console.error_page(HTTP_STATUS.get(e.code, 400), e.message)
             return _json_response(_error_body(e.code, e.message), HTTP_STATUS.get(e.code, 400))
         except _BadRequest as e:
             return _json_response(_error_body(e.code, e.message), 400)
@@ -372,6 +445,8 @@ class ApiServer:
             message = e.reason or e.text or code
             if e.status == 413:
                 message = f"request body is larger than {MAX_BODY} bytes"
+            if request.path.startswith("/console/"):
+                return self.console.error_page(e.status, message)
             resp = _json_response(_error_body(code, message), e.status)
             if e.status == 401:
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="hubhost"'
@@ -514,6 +589,30 @@ class ApiServer:
             raise _BadRequest("since must be UTC seconds since the epoch") from None
         return Filter(drivers, device, level_of(q["level"]) if q.get("level") else 0, since)
 
+    def log_filter(self, driver: str | None, device: str | None, level: str | None) -> Any:
+        """A log filter by driver, device and level (each optional), the names checked."""
+        from hubhost.logs import level_of
+        from hubhost.supervisor.logring import Filter
+
+        drivers = None
+        if driver:
+            if driver not in self.sup.slots:
+                raise ExecError("unknown_device", f"no driver {driver!r} on this hub (drivers: "
+                                f"{', '.join(self.sup.slots) or 'none'})")
+            drivers = frozenset([driver])
+        if device:
+            slot = self.functions.device_slot(device)
+            if slot is None:
+                raise ExecError("unknown_device", f"no device {device!r} on this hub")
+            if drivers is not None and slot.id not in drivers:
+                drivers = frozenset()      # a device of another driver: nothing matches
+            else:
+                drivers = frozenset([slot.id])
+        if level and level.lower() not in ("trace", "debug", "info", "warn", "warning", "error", "critical"):
+            raise _BadRequest(f"level must be one of trace, debug, info, warn, error; got {level!r}")
+        lvl = level_of(level) if level else 0
+        return Filter(drivers, device or None, lvl)
+
     async def logs(self, request: web.Request) -> web.StreamResponse:
         match = self._logs_filter(request)
         try:
@@ -595,10 +694,48 @@ class ApiServer:
         resp.headers["Content-Type"] = content_type
         return resp
 
+    async def console_open(self, request: web.Request) -> web.Response:
+        """`hubhost console`: make sure a TCP listener is open and mint a one-time login URL
+        for a session of the asked level (at most the caller's own)."""
+        caller = request[LEVEL]
+        if LEVELS[caller] < LEVELS["administrator"]:
+            raise ExecError("forbidden", "opening the console needs the administrator level")
+        body = await self._body(request, default={})
+        level = body.get("level", "administrator") if isinstance(body, dict) else None
+        if level not in LEVELS:
+            raise _BadRequest(f"'level' must be one of {', '.join(LEVELS)}, got {orjson.dumps(level).decode()[:60]}")
+        try:
+            host, port, opened = await self.open_console_listener()
+        except OSError as e:
+            host, port = self.settings.console_tcp
+            return _json_response(_error_body("listen_failed", f"cannot listen on {host}:{port} for the "
+                                              f"console: {e.strerror or e}"), 500)
+        token, ttl = self.console.logins.mint(level)
+        shown = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        base = f"http://{shown}:{port}"
+        return _json_response(orjson.dumps({
+            "url": f"{base}/console/login?token={token}", "origin": base, "level": level,
+            "expires_in": ttl, "listener": "opened" if opened else "open",
+            "configured": self._console_site is None}))
+
+    async def console_close(self, request: web.Request) -> web.Response:
+        if LEVELS[request[LEVEL]] < LEVELS["administrator"]:
+            raise ExecError("forbidden", "closing the console needs the administrator level")
+        ended = self.console.logins.counts()["sessions"]
+        self.console.logins.clear()
+        for session in [s for s in self.sessions if s.cookie is not None]:
+            await session.close(1008, "console closed")
+        closed = await self.close_console_listener()
+        return _json_response(orjson.dumps({"sessions_ended": ended, "listener_closed": closed}))
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30.0)
         await ws.prepare(request)
         session = WsSession(self, ws, request[LEVEL], request.transport)
+        if not request.headers.get("Authorization") and not self._on_unix(request):
+            session.cookie = self.console.cookie_of(request)
         self.sessions.add(session)
         try:
             await session.run()
@@ -622,6 +759,19 @@ class WsSession:
        "args": {...} | [...], "timeout": 5}                -> {"id": 3, "type": "success", "result": <JSON>}
       {"id": 4, "type": "ping"}                            -> {"id": 4, "type": "success"}
 
+    What the console's pages follow (any client may):
+
+      {"id": 5, "type": "watch_device", "device": "d1"}   -> {"id": 5, "type": "success", "ref": 8},
+          then every field now and each change: {"type": "status", "ref": 8, "device": "d1",
+          "name": "power", "value": <JSON, null when the field was removed>}
+      {"id": 6, "type": "watch_hub"}                      -> {..., "ref": 9}, then the hub page's
+          document (hubhost/api/console/summary.py) now and whenever it changes (checked once a
+          second): {"type": "hub", "ref": 9, "hub": {...}}
+      {"id": 7, "type": "watch_logs", "driver": D, "device": V, "level": "warn"}  (each optional)
+          -> {..., "ref": 10}, then each new record: {"type": "log", "ref": 10, "entry": {...}}
+          or {"type": "log", "ref": 10, "missed": N} when this client fell behind
+      unbind with the ref ends any of them.
+
     Failures: {"id": ..., "type": "error", "code": ..., "message": ...}. Closing the socket
     drops all of its subscriptions. Messages go out in order through one writer task; a
     client that falls MAX_WS_BACKLOG messages behind is disconnected.
@@ -639,6 +789,8 @@ class WsSession:
         self.wake = asyncio.Event()
         self.calls: set[asyncio.Task] = set()
         self.closed = False
+        self.cookie: str | None = None   # the console session's cookie, when it authenticated
+        self.watches: dict[int, Callable[[], None]] = {}   # ref -> stop (watch_* requests)
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
     # -- output --------------------------------------------------------------------------
@@ -716,8 +868,15 @@ class WsSession:
                 self.exec(rid, req)
             elif kind == "ping":
                 self.reply(rid)
+            elif kind == "watch_device":
+                self.watch_device(rid, req)
+            elif kind == "watch_hub":
+                self.watch_hub(rid)
+            elif kind == "watch_logs":
+                self.watch_logs(rid, req)
             else:
-                self.error(rid, "bad_request", f"unknown message type {kind!r} (bind, unbind, exec, ping)")
+                self.error(rid, "bad_request", f"unknown message type {kind!r} (bind, unbind, exec, ping, "
+                                               "watch_device, watch_hub, watch_logs)")
         except _BadRequest as e:
             self.error(rid, e.code, e.message)
         except ExecError as e:
@@ -738,9 +897,79 @@ class WsSession:
         ref = req.get("ref")
         if isinstance(ref, bool) or not isinstance(ref, int):
             raise _BadRequest("unbind needs the \"ref\" returned by bind (an integer)")
-        if not self.subscriber.unsubscribe(ref):
+        stop = self.watches.pop(ref, None)
+        if stop is not None:
+            stop()
+        elif not self.subscriber.unsubscribe(ref):
             raise _BadRequest(f"no subscription {ref} on this connection", code="unknown_ref")
         self.reply(rid)
+
+    def _watch_limit(self) -> None:
+        if len(self.watches) >= MAX_WS_WATCHES:
+            raise _BadRequest(f"too many watches on this connection (max {MAX_WS_WATCHES})", code="busy")
+
+    def watch_device(self, rid: Any, req: dict) -> None:
+        device = _need_str(req, "device")
+        if self.server.functions.device_slot(device) is None:
+            raise ExecError("unknown_device", f"no device {device!r} on this hub")
+        self._watch_limit()
+        ref = self.server.subs.new_ref()
+        head = '{"type":"status","ref":' + str(ref) + ',"device":' + orjson.dumps(device).decode() + ',"name":'
+        send = self.send
+
+        def changed(_device: str, name: str, value: str | None) -> None:
+            send(head + orjson.dumps(name).decode() + ',"value":' + (value or "null") + "}")
+
+        inner, now = self.server.watches.watch(device, changed)   # type: ignore[arg-type]
+        self.watches[ref] = lambda: self.server.watches.unwatch(inner)
+        self.reply(rid, ref=ref)
+        for name, value in now.items():
+            changed(device, name, value)
+
+    def watch_hub(self, rid: Any) -> None:
+        from hubhost.api.console.summary import WorkerUsage, hub_summary
+
+        self._watch_limit()
+        ref = self.server.subs.new_ref()
+        usage = WorkerUsage()
+
+        async def push() -> None:
+            last = b""
+            while True:
+                doc = orjson.dumps(hub_summary(self.server.sup, usage), default=str)
+                if doc != last:
+                    last = doc
+                    self.send('{"type":"hub","ref":' + str(ref) + ',"hub":' + doc.decode() + "}")
+                await asyncio.sleep(HUB_PUSH_INTERVAL)
+
+        self.reply(rid, ref=ref)
+        task = asyncio.get_running_loop().create_task(push())
+        self.watches[ref] = task.cancel
+
+    def watch_logs(self, rid: Any, req: dict) -> None:
+        match = self.server.log_filter(_need_str(req, "driver", optional=True),
+                                       _need_str(req, "device", optional=True),
+                                       _need_str(req, "level", optional=True))
+        self._watch_limit()
+        ref = self.server.subs.new_ref()
+        ring = self.server.sup.logs
+        follower = ring.follow(match)
+        head = '{"type":"log","ref":' + str(ref) + ','
+
+        async def forward() -> None:
+            try:
+                while True:
+                    item = await follower.queue.get()
+                    if isinstance(item, int):
+                        self.send(head + '"missed":' + str(item) + "}")
+                    else:
+                        self.send(head + '"entry":' + orjson.dumps(item.to_json()).decode() + "}")
+            finally:
+                ring.unfollow(follower)
+
+        self.reply(rid, ref=ref)
+        task = asyncio.get_running_loop().create_task(forward())
+        self.watches[ref] = task.cancel
 
     def exec(self, rid: Any, req: dict) -> None:
         fn = _need_str(req, "function")
@@ -762,6 +991,9 @@ class WsSession:
     async def close(self, code: int = 1000, message: str = "") -> None:
         self.closed = True
         self.subscriber.terminate()
+        for stop in list(self.watches.values()):
+            stop()
+        self.watches.clear()
         for t in list(self.calls):
             t.cancel()
         self.writer.cancel()
