@@ -497,3 +497,82 @@ def test_a_hub_frozen_right_after_taking_devices_never_drives_them_twice(
         assert f.double_driven() == {}
     finally:
         r.close()
+
+
+def test_exec_across_hubs_1000_calls_with_a_hub_killed_midway(fleet_redis: tuple[str, bool, Any],
+                                                              fleet: Any) -> None:
+    """1,000 calls from every hub's API and from `hubhost.fleet` to devices on every hub,
+    the hub driving the most devices killed after 300 answers: every call returns a result
+    or an explicit error; no call ran twice (each call's tag reaches its device at most
+    once); every call answered ok did run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import hubhost.fleet
+
+    url, cluster, _ = fleet_redis
+    f: Fleet = fleet(url, cluster)
+    r = f.client(url)
+    client = hubhost.fleet.connect(url, prefix=f.keys.prefix, fleet=f.keys.fleet, cluster=cluster)
+    try:
+        for h in f.hub_ids:
+            f.start(h)
+        f.wait_settled(r, list(f.hub_ids), 40)
+        leases = f.leases(r)
+        victim = max(f.hub_ids, key=lambda h: sum(1 for v in leases.values() if v == h))
+        devices = f.movable + list(f.pinned)
+        answered = threading.Semaphore(0)
+        killed = threading.Event()
+        results: dict[str, tuple[str, Any]] = {}
+        lock = threading.Lock()
+
+        def call(i: int) -> None:
+            tag = f"t{i}"
+            dev = devices[i % len(devices)]
+            via = ["fleet", *f.hub_ids][i % 4]
+            if via != "fleet" and (killed.is_set() and via == victim):
+                via = "fleet"
+            try:
+                if via == "fleet":
+                    out = ("ok", client.exec(dev, "count", tag=tag, timeout=4))
+                else:
+                    code, body = f.procs[via].api("POST", f"/api/v1/devices/{dev}/functions/count?timeout=4",
+                                                  {"tag": tag}, timeout=10)
+                    out = ("ok", body["result"]) if code == 200 else ("error", body["error"]["code"])
+            except hubhost.fleet.ExecError as e:
+                out = ("error", e.code)
+            except OSError as e:          # the hub we asked was killed while answering
+                out = ("error", f"connection: {type(e).__name__}")
+            with lock:
+                results[tag] = out
+            answered.release()
+
+        with ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(call, i) for i in range(1000)]
+            for _ in range(300):
+                answered.acquire()
+            killed.set()
+            f.procs[victim].kill()
+            for fu in futs:
+                fu.result(timeout=120)
+        assert len(results) == 1000, "nothing silently lost: every call came back"
+        ran: dict[str, int] = {}
+        for sim in f.sims.values():
+            for line in list(sim.lines):
+                if line.startswith("call "):
+                    ran[line[5:]] = ran.get(line[5:], 0) + 1
+        twice = {t: n for t, n in ran.items() if n > 1}
+        assert not twice, f"calls that ran twice: {twice}"
+        codes = {}
+        for tag, (kind, what) in results.items():
+            if kind == "ok":
+                assert what["tag"] == tag and ran.get(tag) == 1, (tag, what)
+            else:
+                codes[what] = codes.get(what, 0) + 1
+        allowed = {"timeout", "moved", "unknown_device", "driver_error"}
+        assert set(codes) <= allowed | {c for c in codes if c.startswith("connection:")}, codes
+        ok = sum(1 for k, _ in results.values() if k == "ok")
+        assert ok >= 700, (ok, codes)
+        print("exec across hubs:", ok, "ok;", codes)
+    finally:
+        client.close()
+        r.close()

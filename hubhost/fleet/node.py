@@ -104,6 +104,17 @@ redis.call('PUBLISH', ARGV[2], 'ready')
 return 1
 """
 
+# KEYS: devices   ARGV: field, value, ...  -> replaces the hash with exactly these fields
+_TABLE = """
+local want = {}
+for i = 1, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if want[f] == nil then redis.call('HDEL', KEYS[1], f) end
+end
+for f, v in pairs(want) do redis.call('HSET', KEYS[1], f, v) end
+return 1
+"""
+
 # KEYS: store, fence   ARGV: fence number, payload  -> 1 written, 0 refused (a newer owner)
 _STORE = """
 if tonumber(redis.call('GET', KEYS[2]) or '0') > tonumber(ARGV[1]) then return 0 end
@@ -185,6 +196,7 @@ class FleetNode:
         self._wake = asyncio.Event()
         self._renew_now = asyncio.Event()
         self.registered = False
+        self.devices_published = False
         self.renewals = 0
         # per other hub: (seq, when this hub saw it change, token, devices it drove)
         self.seen: dict[str, tuple[Any, float, Any, set[str]]] = {}
@@ -192,6 +204,8 @@ class FleetNode:
         self._task: asyncio.Task | None = None
         self._renew_task: asyncio.Task | None = None
         self.feed: Any = None           # fleet/feed.py: status of devices driven elsewhere
+        self.exec: Any = None           # fleet/wiring.py: this hub's exec stream and client
+        self.exec_redis: Any = None
         self._stopping = False
         self.systems = _systems(full)
         self.driver_of = _drivers_of(full)
@@ -312,6 +326,7 @@ class FleetNode:
         self.systems = _systems(new)
         self.driver_of = _drivers_of(new)
         self.built_systems.clear()
+        self.devices_published = False     # the leader writes the new device table
         movable = set(self._movable())
         self.running &= movable
         self._wake.set()
@@ -328,6 +343,12 @@ class FleetNode:
         from hubhost.fleet.feed import RemoteStatus
         self.feed = RemoteStatus(self)
         self.feed.start()
+        if getattr(self.sup, "functions", None) is not None:
+            from hubhost.fleet.wiring import attach_exec
+            # its own client: the exec stream's reads block for 1 s, past the renewals' timeout
+            self.exec_redis = redis_client(self.full.redis.url, self.full.redis.cluster, 5.0)
+            self.exec = attach_exec(self.sup, self.exec_redis, self.keys, self.hub_id,
+                                    lambda dev: self.sup.functions.device_slot(dev) is not None)
         self._task = asyncio.get_running_loop().create_task(self.run(), name="hubhost-fleet")
 
     def stopping(self, sup: Any = None) -> None:
@@ -353,6 +374,12 @@ class FleetNode:
                     pass
         if self.feed is not None:
             await self.feed.stop()
+        if self.exec is not None:
+            await self.exec.stop(1.0)     # calls in flight finish; their drivers have stopped
+            try:
+                await self.exec_redis.aclose()
+            except Exception:  # noqa: BLE001
+                pass
         pending = [t for t in self.writes.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
@@ -517,7 +544,10 @@ class FleetNode:
                  for rec in serving]
 
         # the leader's part
+        was_leader = self.is_leader
         self.is_leader = bool(await r.eval(_LEAD, 1, k.leader, self.lease_val, self.ttl_ms))
+        if self.is_leader and (not was_leader or not self.devices_published):
+            await self._publish_devices()
         if self.is_leader:
             self.leader = self.hub_id
             members = orjson.dumps(sorted(c.id for c in cands)).decode()
@@ -564,6 +594,23 @@ class FleetNode:
             self.ready = True
             self._renew_now.set()    # tell the fleet at once
         return settled
+
+    async def _publish_devices(self) -> None:
+        """The leader's device table `P{fleet:F}:devices` (device -> driver, pinned hub,
+        needs), from the shared config, replaced in one script: how any hub, and a script
+        with only a Redis URL, finds a device's owner (fleet/execs.py)."""
+        fc = self.fc
+        table = {}
+        for d in self.full.drivers:
+            for dev in d.devices:
+                p = fc.placement.get(dev.id)
+                table[dev.id] = orjson.dumps({"driver": d.id, "hub": p.hub if p else None,
+                                              "needs": list(p.needs) if p else []}).decode()
+        args: list[Any] = []
+        for dev_id, text in table.items():
+            args += (dev_id, text)
+        await self.redis.eval(_TABLE, 1, self.keys.devices, *args)
+        self.devices_published = True
 
     def _maybe_driven_elsewhere(self, dev_id: str) -> bool:
         """A hub that vanished from the fleet without leaving may still drive devices (the

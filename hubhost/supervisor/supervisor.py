@@ -899,8 +899,8 @@ class Supervisor:
             if wanted[did].path == slot.cfg.path and (why is None or why == _DEVICES_CHANGED):
                 files = codehash.changed_files(slot.code,
                                                await asyncio.to_thread(codehash.code_hashes, slot.cfg.path))
-            if why == _DEVICES_CHANGED and not files and only is None and slot.state == "running" \
-                    and slot.worker is not None and slot.worker.alive:
+            if why == _DEVICES_CHANGED and not files and only is None and self.fleet is not None \
+                    and slot.state == "running" and slot.worker is not None and slot.worker.alive:
                 delta = _device_delta(slot.cfg, wanted[did])
                 if delta is not None:      # devices moving between fleet hubs: no restart
                     live[did] = delta

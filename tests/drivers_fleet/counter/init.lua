@@ -20,14 +20,15 @@ local driver = driver_helper.init_tcp {
   end,
   functions = {
     count = {
-      params = { by = { "Int32", 1 } },
+      -- `tag` names the call on the device's wire, so a test can see every call that ran
+      params = { by = { "Int32", 1 }, tag = { "String", "" } },
       handler = function(driver, device, args)
         local store = device.persistent_store
         store.calls = (store.calls or 0) + args.by
         device.status.calls = store.calls
+        device:send("call " .. args.tag .. "\n")
         driver.datastore:save()
-        device:send("call " .. store.calls .. "\n")
-        return { calls = store.calls, device = device.id }
+        return { calls = store.calls, device = device.id, tag = args.tag }
       end,
     },
   },
