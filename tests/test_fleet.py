@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import hubproc
 from fleetkit import Fleet
 
 
@@ -260,6 +261,22 @@ def test_join_takes_its_share_and_a_graceful_stop_hands_over_at_once(
                                         "--config", str(f.config)], capture_output=True, text=True,
                                        timeout=30).stdout)
         assert js["leader"] == leader and {h["id"] for h in js["hubs"]} == {"a", "b", "c", "x"}
+
+        # /metrics of a hub in a fleet: the fleet gauges, hub labels from the config only
+        from prometheus_client.parser import text_string_to_metric_families
+        conn = hubproc._UnixHTTP(str(f.procs["a"].state / "hubhost.sock"), 5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        fams = {m.name: m for m in text_string_to_metric_families(text)}
+        up = {s.labels["hub"]: s.value for s in fams["hubhost_fleet_hub_up"].samples}
+        assert up == {"a": 1.0, "b": 1.0, "c": 0.0}          # "x" registered, but is not config
+        assert fams["hubhost_fleet_leader"].samples[0].value == (1.0 if leader == "a" else 0.0)
+        assert fams["hubhost_fleet_devices_held"].samples[0].value == sum(
+            1 for h in f.leases(r).values() if h == "a")
+        assert fams["hubhost_fleet_epoch"].samples[0].value >= 1
+        assert fams["hubhost_fleet_fenced"].samples[0].value == 0.0
+        assert fams["hubhost_fleet_ready"].type == "gauge"
     finally:
         r.close()
 

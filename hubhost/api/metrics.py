@@ -136,6 +136,33 @@ class HubCollector(Collector):
             ex.add_metric([code], float(counts.get(code, 0)))
         yield ex
 
+        fleet = getattr(sup, "fleet", None)
+        if fleet is not None:
+            yield from _fleet_metrics(fleet)
+
+
+def _fleet_metrics(fleet: Any) -> Iterator[Metric]:
+    """Fleet mode only. The `hub` label takes the hubs the shared config lists plus this
+    one (hubs that merely registered in Redis are not labels: Redis is not the config)."""
+    hubs = sorted(set(fleet.fc.hubs) | {fleet.hub_id})
+    up = GaugeMetricFamily("hubhost_fleet_hub_up", "1 while the hub is registered and serving, as "
+                           "this hub last read the fleet", labels=["hub"])
+    for h in hubs:
+        rec = fleet.hubs.get(h)
+        up.add_metric([h], 1.0 if rec and rec.get("serving") else 0.0)
+    yield up
+    yield GaugeMetricFamily("hubhost_fleet_leader", "1 while this hub is the fleet's leader",
+                            value=1.0 if fleet.is_leader else 0.0)
+    yield GaugeMetricFamily("hubhost_fleet_epoch", "The fleet's epoch as this hub last read it",
+                            value=float(fleet.epoch))
+    yield GaugeMetricFamily("hubhost_fleet_ready", "1 while this hub drives exactly what the fleet "
+                            "gives it, for the current epoch", value=1.0 if fleet.ready else 0.0)
+    yield GaugeMetricFamily("hubhost_fleet_fenced", "1 while this hub's leases are past their fence "
+                            "(it could not renew: its movable devices are stopped)",
+                            value=1.0 if fleet._fenced() or fleet.suspect else 0.0)
+    yield GaugeMetricFamily("hubhost_fleet_devices_held", "Movable devices whose lease this hub holds",
+                            value=float(len(fleet.held)))
+
 
 class HubMetrics:
     """The registry /metrics renders: only the hub's collector (no process or GC metrics of
