@@ -175,11 +175,11 @@ def test_start_then_kill_9_of_the_leader(fleet_redis: tuple[str, bool, Any], fle
         r.close()
 
 
-def test_sigstop_longer_than_ttl_fences_the_hub(single_redis: tuple[str, bool, Any], fleet: Any) -> None:
+def test_sigstop_longer_than_ttl_fences_the_hub(fleet_redis: tuple[str, bool, Any], fleet: Any) -> None:
     """A hub frozen (SIGSTOP) past its ttl: its workers stop driving on their own before the
     leases can expire, so its devices start elsewhere without ever being driven twice;
     after SIGCONT it rejoins and the devices settle by HRW again."""
-    url, cluster, _ = single_redis
+    url, cluster, _ = fleet_redis
     f: Fleet = fleet(url, cluster)
     r = f.client(url)
     try:
@@ -217,8 +217,8 @@ def test_sigstop_longer_than_ttl_fences_the_hub(single_redis: tuple[str, bool, A
 
 
 def test_join_takes_its_share_and_a_graceful_stop_hands_over_at_once(
-        single_redis: tuple[str, bool, Any], fleet: Any) -> None:
-    url, cluster, _ = single_redis
+        fleet_redis: tuple[str, bool, Any], fleet: Any) -> None:
+    url, cluster, _ = fleet_redis
     f: Fleet = fleet(url, cluster)
     r = f.client(url)
     try:
