@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings as _hypothesis_settings
@@ -200,8 +201,11 @@ class ReplicatedCluster(RedisClusterNodes):
         self.nodes[i], self.replicas[i] = self.replicas[i], self.nodes[i]
 
 
-def _cluster_nodes(tmp_path: Path, n: int, binary: str) -> tuple[list[RedisServer], list[int]]:
-    nodes, bus_ports = [], []
+def _cluster_nodes(tmp_path: Path, n: int, nodes: list[RedisServer]) -> list[int]:
+    """Start n cluster-enabled redis-servers into `nodes` (so the caller can stop what
+    started even if a later one fails); returns their bus ports."""
+    binary = _redis_binary()
+    bus_ports = []
     for i in range(n):
         workdir = tmp_path / f"cluster{i}"
         workdir.mkdir()
@@ -212,7 +216,18 @@ def _cluster_nodes(tmp_path: Path, n: int, binary: str) -> tuple[list[RedisServe
             "--cluster-port", str(bus_ports[-1]), "--cluster-node-timeout", "2000"))
         node.start()
         nodes.append(node)
-    return nodes, bus_ports
+    return bus_ports
+
+
+def _form_cluster(clients: list[Any], bus_ports: list[int], nodes: list[RedisServer]) -> None:
+    """The slots split evenly over the first three nodes, every node met
+    (CLUSTER ADDSLOTSRANGE/MEET: quicker than redis-cli)."""
+    step = 16384 // 3
+    for i in range(3):
+        last = 16383 if i == 2 else (i + 1) * step - 1
+        clients[i].execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+    for n, bus in zip(nodes[1:], bus_ports[1:]):
+        clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, bus)
 
 
 @pytest.fixture
@@ -220,17 +235,11 @@ def redis_cluster_replicated(tmp_path: Path) -> Iterator[ReplicatedCluster]:
     """A Redis Cluster of 3 primaries with one replica each (for failover tests)."""
     import redis
 
-    binary = _redis_binary()
     nodes: list[RedisServer] = []
     try:
-        nodes, bus = _cluster_nodes(tmp_path, 6, binary)
+        bus = _cluster_nodes(tmp_path, 6, nodes)
         clients = [redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=5) for n in nodes]
-        step = 16384 // 3
-        for i in range(3):
-            last = 16383 if i == 2 else (i + 1) * step - 1
-            clients[i].execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
-        for n, b in zip(nodes[1:], bus[1:]):
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, b)
+        _form_cluster(clients, bus, nodes)
         ids = [c.execute_command("CLUSTER", "MYID").decode() for c in clients]
         deadline = time.monotonic() + 30
         for i in range(3):
@@ -261,27 +270,11 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
     """A 3-node Redis Cluster built with CLUSTER ADDSLOTSRANGE/MEET (quicker than redis-cli)."""
     import redis
 
-    binary = _redis_binary()
     nodes: list[RedisServer] = []
-    bus_ports: list[int] = []
     try:
-        for i in range(3):
-            workdir = tmp_path / f"cluster{i}"
-            workdir.mkdir()
-            # The bus defaults to port + 10000, which may be taken or above 65535.
-            bus_ports.append(_free_port())
-            node = RedisServer(binary, workdir, extra_args=(
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-port", str(bus_ports[-1]), "--cluster-node-timeout", "2000"))
-            node.start()
-            nodes.append(node)
+        bus_ports = _cluster_nodes(tmp_path, 3, nodes)
         clients = [redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=5) for n in nodes]
-        step = 16384 // 3
-        for i, c in enumerate(clients):
-            last = 16383 if i == 2 else (i + 1) * step - 1
-            c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
-        for n, bus in zip(nodes[1:], bus_ports[1:]):
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", n.port, bus)
+        _form_cluster(clients, bus_ports, nodes)
         deadline = time.monotonic() + 20
         while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
                       for c in clients):

@@ -158,11 +158,14 @@ class Fleet:
 
     # -- Redis -------------------------------------------------------------------------------
     def client(self, url: str) -> Any:
-        import redis
-        if self.cluster:
-            from redis.cluster import RedisCluster
-            return RedisCluster.from_url(url, decode_responses=True, socket_timeout=5)
-        return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5)
+        from hubhost.fleet.clients import sync_client
+        return sync_client(url, self.cluster, 5.0)
+
+    def start_all(self, r: Any, timeout: float = 40) -> None:
+        """Start every hub and wait until the fleet has settled on all of them."""
+        for h in self.hub_ids:
+            self.start(h)
+        self.wait_settled(r, list(self.hub_ids), timeout)
 
     def leases(self, r: Any) -> dict[str, str | None]:
         return {d: lease_holder(r.get(self.keys.lease(d))) for d in self.movable}
@@ -221,9 +224,7 @@ def failover_seconds(tmp: Path, ttl: float) -> float:
     f = Fleet(tmp, server.url, cluster=False, ttl=ttl)
     r = f.client(server.url)
     try:
-        for h in f.hub_ids:
-            f.start(h)
-        f.wait_settled(r, list(f.hub_ids), 60)
+        f.start_all(r, 60)
         time.sleep(1.0)
         leases = f.leases(r)
         victim = max(f.hub_ids, key=lambda h: sum(1 for v in leases.values() if v == h))

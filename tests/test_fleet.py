@@ -130,9 +130,7 @@ def test_start_then_kill_9_of_the_leader(fleet_redis: tuple[str, bool, Any], fle
     r = f.client(url)
     ready = Messages(url if not cluster else url, f.keys.prefix + "engine/system")
     try:
-        for h in f.hub_ids:
-            f.start(h)
-        f.wait_settled(r, list(f.hub_ids), 40)
+        f.start_all(r)
         e1 = wait(lambda: ready_epoch(f, r), 10, "fleet ready", f)
         for dev, hub in f.pinned.items():
             assert f.sims[dev].active == 1, dev
@@ -183,9 +181,7 @@ def test_sigstop_longer_than_ttl_fences_the_hub(fleet_redis: tuple[str, bool, An
     f: Fleet = fleet(url, cluster)
     r = f.client(url)
     try:
-        for h in f.hub_ids:
-            f.start(h)
-        f.wait_settled(r, list(f.hub_ids), 40)
+        f.start_all(r)
         victim = next(h for h in f.hub_ids if (r.get(f.keys.leader) or "").split()[0] != h
                       and h in f.leases(r).values())
         moves = sum(1 for h in f.leases(r).values() if h == victim)
@@ -290,9 +286,7 @@ def test_redis_outage_stops_movable_devices_and_keeps_pinned_ones(
     f: Fleet = fleet(url, cluster)
     r = f.client(url)
     try:
-        for h in f.hub_ids:
-            f.start(h)
-        f.wait_settled(r, list(f.hub_ids), 40)
+        f.start_all(r)
         pinned = {d: f.sims[d].connections for d in f.pinned}
         server.pause()
         try:
@@ -390,9 +384,7 @@ def test_a_redis_restart_that_loses_every_key(single_redis: tuple[str, bool, Any
     f: Fleet = fleet(url, cluster)
     r = f.client(url)
     try:
-        for h in f.hub_ids:
-            f.start(h)
-        f.wait_settled(r, list(f.hub_ids), 40)
+        f.start_all(r)
         server.stop()
         time.sleep(0.3)
         server.start()
@@ -412,9 +404,7 @@ def test_a_cluster_primary_failover_under_a_running_fleet(redis_cluster_replicat
     f: Fleet = fleet(cl.url, True)
     r = f.client(cl.url)
     try:
-        for h in f.hub_ids:
-            f.start(h)
-        f.wait_settled(r, list(f.hub_ids), 40)
+        f.start_all(r)
         first = cl.primary_of(f.keys.hub("a"))
         for i in [first] + [j for j in range(3) if j != first]:
             cl.failover(i)
@@ -441,9 +431,7 @@ def test_subscriptions_follow_a_device_that_moves(single_redis: tuple[str, bool,
     f: Fleet = fleet(url, cluster)
     r = f.client(url)
     try:
-        for h in f.hub_ids:
-            f.start(h)
-        f.wait_settled(r, list(f.hub_ids), 40)
+        f.start_all(r)
         leases = f.leases(r)
         watcher = "a"
         dev = next(d for d, h in leases.items() if h != watcher)
@@ -531,9 +519,7 @@ def test_exec_across_hubs_1000_calls_with_a_hub_killed_midway(fleet_redis: tuple
     r = f.client(url)
     client = hubhost.fleet.connect(url, prefix=f.keys.prefix, fleet=f.keys.fleet, cluster=cluster)
     try:
-        for h in f.hub_ids:
-            f.start(h)
-        f.wait_settled(r, list(f.hub_ids), 40)
+        f.start_all(r)
         leases = f.leases(r)
         victim = max(f.hub_ids, key=lambda h: sum(1 for v in leases.values() if v == h))
         devices = f.movable + list(f.pinned)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from hubhost.fleet import hrw
+from hubhost.fleet.clients import sync_client
 from hubhost.fleet.keys import FleetKeys, lease_holder
 
 
@@ -22,14 +23,6 @@ def add_commands(sub: Any) -> None:
     st.add_argument("--config", help="the fleet's shared config (default: $HUBHOST_CONFIG)")
     st.add_argument("--json", action="store_true", help="print JSON instead of tables")
     st.set_defaults(func=_cmd_status)
-
-
-def _client(url: str, cluster: bool) -> Any:
-    import redis
-    if cluster:
-        from redis.cluster import RedisCluster
-        return RedisCluster.from_url(url, decode_responses=True, socket_timeout=5)
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5)
 
 
 def read_status(cfg: Any, r: Any) -> dict[str, Any]:
@@ -96,7 +89,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        r = _client(cfg.redis.url, cfg.redis.cluster)
+        r = sync_client(cfg.redis.url, cfg.redis.cluster, 5.0)
         st = read_status(cfg, r)
     except Exception as e:  # noqa: BLE001 - redis-py's connection errors
         print(f"hubhost fleet status: cannot read the fleet from {cfg.redis.url}: {type(e).__name__}: {e}",

@@ -42,6 +42,7 @@ import orjson
 
 from hubhost.config import HubConfig
 from hubhost.fleet import hrw
+from hubhost.fleet.clients import async_client
 from hubhost.fleet.keys import FleetKeys, lease_holder, lease_value
 
 log = logging.getLogger("hubhost.fleet")
@@ -144,17 +145,6 @@ def local_view(full: HubConfig, hub_id: str, running: set[str]) -> HubConfig:
     return cfg
 
 
-def redis_client(url: str, cluster: bool, timeout: float) -> Any:
-    """An asyncio client that answers with str: redis-py's cluster client for a cluster."""
-    if cluster:
-        from redis.asyncio.cluster import RedisCluster
-        return RedisCluster.from_url(url, decode_responses=True, socket_timeout=timeout,
-                                     socket_connect_timeout=timeout)
-    import redis.asyncio as aioredis
-    return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
-                                   socket_connect_timeout=timeout)
-
-
 class FleetNode:
     """This hub in its fleet; owned by the supervisor (`sup.fleet`)."""
 
@@ -170,7 +160,7 @@ class FleetNode:
         self.ttl = self.fc.ttl
         self.ttl_ms = int(self.ttl * 1000)
         self.me = self.fc.hub(hub_id)
-        self.redis = redis_client(full.redis.url, full.redis.cluster, max(0.2, self.ttl / 6))
+        self.redis = async_client(full.redis.url, full.redis.cluster, max(0.2, self.ttl / 6))
         self.held: set[str] = set()       # movable devices whose lease is ours
         self.suspect: set[str] = set()    # leases we had when we fenced: ours again if still there
         self.releasing: set[str] = set()  # being handed over: their last store still goes out
@@ -214,9 +204,7 @@ class FleetNode:
     # -- what the supervisor asks ----------------------------------------------------------
     def fence_for(self, devices: Any) -> float | None:
         """The fence deadline for a worker driving `devices` (None: none of them movable)."""
-        if not any(self.fc.movable(d) for d in devices):
-            return None
-        return self.fence_deadline
+        return self.fence_deadline if self.movable_in(devices) else None
 
     def devices_fenced(self, devs: set[str]) -> None:
         """A worker stopped these devices at the fence: they are not running any more."""
@@ -346,7 +334,7 @@ class FleetNode:
         if getattr(self.sup, "functions", None) is not None:
             from hubhost.fleet.wiring import attach_exec
             # its own client: the exec stream's reads block for 1 s, past the renewals' timeout
-            self.exec_redis = redis_client(self.full.redis.url, self.full.redis.cluster, 5.0)
+            self.exec_redis = async_client(self.full.redis.url, self.full.redis.cluster, 5.0)
             self.exec = attach_exec(self.sup, self.exec_redis, self.keys, self.hub_id,
                                     lambda dev: self.sup.functions.device_slot(dev) is not None)
         self._task = asyncio.get_running_loop().create_task(self.run(), name="hubhost-fleet")

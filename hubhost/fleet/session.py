@@ -17,6 +17,7 @@ import redis as _redis
 
 from hubhost.fleet.execs import ExecClient, _s, parse_target
 from hubhost.fleet.keys import FleetKeys, lease_holder
+from hubhost.fleet.clients import async_client, sync_client
 from hubhost.fleet.views import StatusView, SystemView
 
 __all__ = ["Fleet", "connect", "is_cluster"]
@@ -41,13 +42,7 @@ class Fleet:
         self.cluster = is_cluster(url, socket_timeout) if cluster is None else cluster
         self.default_timeout = timeout
         self._socket_timeout = socket_timeout
-        if self.cluster:
-            from redis.cluster import RedisCluster
-            self.redis: Any = RedisCluster.from_url(url, decode_responses=True, socket_timeout=socket_timeout,
-                                                    socket_connect_timeout=socket_timeout)
-        else:
-            self.redis = _redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout,
-                                               socket_connect_timeout=socket_timeout)
+        self.redis: Any = sync_client(url, self.cluster, socket_timeout)
         self._client_id = client_id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -131,14 +126,7 @@ class Fleet:
         return self._exec
 
     async def _aredis(self) -> Any:
-        st = max(self._socket_timeout, 2.0)
-        if self.cluster:
-            from redis.asyncio.cluster import RedisCluster
-            return RedisCluster.from_url(self.url, decode_responses=True, socket_timeout=st,
-                                         socket_connect_timeout=st)
-        import redis.asyncio as aioredis
-        return aioredis.Redis.from_url(self.url, decode_responses=True, socket_timeout=st,
-                                       socket_connect_timeout=st)
+        return async_client(self.url, self.cluster, max(self._socket_timeout, 2.0))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:

@@ -17,6 +17,7 @@ same backoff (hubhost/worker/host.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import pickle
@@ -521,7 +522,6 @@ class WorkerHandle:
 
     def _h_fenced(self, msg: list[Any], blob: bytes) -> None:
         """The worker stopped movable devices itself at the fleet fence (fleet mode)."""
-        import dataclasses
         slot = self._slot(msg[1])
         devs = {d for d in msg[2] if isinstance(d, str)} if isinstance(msg[2], list) else set()
         if self.sup.fleet is None or not devs:
@@ -973,7 +973,6 @@ class Supervisor:
     async def _change_devices(self, slot: DriverSlot, added: list[Any], released: list[str]) -> bool:
         """Add and release devices of a running driver in its worker (fleet moves); on
         failure the worker restarts with the slot's (new) config. True when done live."""
-        import dataclasses
         w = slot.worker
         assert w is not None
         w.devices = {dev.id: s.id for s in w.slots.values() for dev in s.cfg.devices}
